@@ -4,7 +4,36 @@ guarded by a lease held in Redis."""
 from __future__ import annotations
 
 from mutexowner.backoff import BackoffPolicy
+from mutexowner.errors import (
+    ForkedOwnerError,
+    LeaseError,
+    LeaseLost,
+    MutexOwnerError,
+    OwnerStoppedError,
+    RedisFatalError,
+    RedisTransientError,
+)
+from mutexowner.events import Event
+from mutexowner.lease import LeaseInfo
+from mutexowner.owner import MutexOwner, OwnerStatus
+from mutexowner.supervisor import Supervisor, WorkerContext
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["BackoffPolicy", "__version__"]
+__all__ = [
+    "BackoffPolicy",
+    "Event",
+    "ForkedOwnerError",
+    "LeaseError",
+    "LeaseInfo",
+    "LeaseLost",
+    "MutexOwner",
+    "MutexOwnerError",
+    "OwnerStatus",
+    "OwnerStoppedError",
+    "RedisFatalError",
+    "RedisTransientError",
+    "Supervisor",
+    "WorkerContext",
+    "__version__",
+]

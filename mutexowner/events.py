@@ -1,0 +1,127 @@
+"""Events the owner reports (state changes, lease events) and their in-order delivery.
+
+User code (``on_acquired``, ``on_lost``, listeners) never runs on the owner thread: a slow
+or failing listener must not delay a renewal. Events are queued and delivered in order by
+one dispatcher thread; listener exceptions are logged and swallowed.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+__all__ = ["Event", "EventDispatcher", "Listener"]
+
+log = logging.getLogger("mutexowner.events")
+
+#: Event kinds, in the order they typically occur.
+KINDS = (
+    "state",  # every state change: previous_state -> state
+    "acquired",  # holding began (fencing_token set)
+    "renewed",  # a renewal was confirmed
+    "suspended",  # a renewal failed with a transient error while holding
+    "lost",  # holding ended; reason: taken | expired | stopped | workers_failed
+    "error",  # a Redis call failed; error and error_kind set
+    "workers_restarted",  # the supervisor restarted all workers (one_for_all)
+    "workers_stuck",  # a worker ignored stopping past shutdown_timeout
+    "released",  # the lease was released in Redis
+)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing that happened to an owner, delivered to listeners in order."""
+
+    kind: str
+    key: str
+    identity: str
+    state: str
+    time: float
+    previous_state: Optional[str] = None
+    fencing_token: Optional[int] = None
+    reason: Optional[str] = None
+    error: Optional[str] = None
+    error_kind: Optional[str] = None
+    detail: Optional[str] = None
+
+
+Listener = Callable[[Event], object]
+
+_STOP = object()
+
+
+class EventDispatcher:
+    """Delivers events to listeners, in order, on its own thread (or inline when not started)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._listeners: list[Listener] = []
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+
+    def add(self, listener: Listener) -> None:
+        if not callable(listener):
+            raise TypeError(f"listener must be callable, got {type(listener).__name__}")
+        with self._lock:
+            self._listeners.append(listener)
+
+    def remove(self, listener: Listener) -> None:
+        """Remove a listener; ValueError if it was never added."""
+        with self._lock:
+            try:
+                self._listeners.remove(listener)
+            except ValueError:
+                raise ValueError("listener was not added") from None
+
+    def start(self) -> None:
+        """Deliver on a background thread from now on."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(
+            target=self._run, name=f"mutexowner-events-{self._name}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: Optional[float] = None) -> bool:
+        """Deliver what is queued, then end the thread. True if it ended within ``timeout``."""
+        thread = self._thread
+        if thread is None:
+            return True
+        self._queue.put(_STOP)
+        if thread is threading.current_thread():
+            return False
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    def emit(self, event: Event) -> None:
+        """Queue an event (delivered inline when no thread was started)."""
+        if self._thread is None:
+            self._deliver(event)
+        else:
+            self._queue.put(event)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            if isinstance(item, Event):
+                self._deliver(item)
+
+    def _deliver(self, event: Event) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception(
+                    "listener %r failed on %s event for key=%s; ignored",
+                    listener,
+                    event.kind,
+                    event.key,
+                )

@@ -1,0 +1,357 @@
+"""The Redis side of the lease: Lua scripts, plain result objects, and error classification.
+
+A ``Lease`` knows nothing of threads or time; it turns one Redis round trip into one of
+``Acquired``, ``Renewed``, ``Retaken`` or ``Taken``, or raises a ``LeaseError`` whose
+``transient`` flag tells the owner whether to retry with backoff (connection trouble,
+LOADING, READONLY, failover) or to report and slow down (auth, ACL, wrong key type).
+This module is the only place Redis exceptions are classified.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Optional, Union
+
+import redis
+from redis import exceptions as rex
+
+from mutexowner.errors import ForkedOwnerError, LeaseError, RedisFatalError, RedisTransientError
+
+__all__ = [
+    "Acquired",
+    "Lease",
+    "LeaseInfo",
+    "LeaseKeys",
+    "LeaseResult",
+    "Renewed",
+    "Retaken",
+    "Taken",
+    "classify_error",
+    "new_token",
+]
+
+#: Bits of randomness in every acquisition token (DESIGN invariant 1 asks for >= 128).
+TOKEN_BYTES = 16
+
+
+def _load_script(name: str) -> str:
+    return resources.files("mutexowner").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+# Read once at import; redis-py's Script objects then run them by SHA (EVALSHA) and
+# reload them transparently after a Redis restart (NOSCRIPT).
+ACQUIRE_LUA = _load_script("acquire.lua")
+RELEASE_LUA = _load_script("release.lua")
+INSPECT_LUA = _load_script("inspect.lua")
+
+
+def new_token() -> str:
+    """A fresh random acquisition token: 128 bits, hex encoded."""
+    return secrets.token_hex(TOKEN_BYTES)
+
+
+@dataclass(frozen=True)
+class Acquired:
+    """The key was free and is now ours, with a new, strictly greater fencing token.
+
+    ``lock_delay`` > 0 means Redis recently lost its state: workers must wait that long.
+    """
+
+    fencing_token: int
+    lock_delay: float
+
+
+@dataclass(frozen=True)
+class Renewed:
+    """The key already held our token (a renewal, or an acquire whose reply was lost)."""
+
+    fencing_token: int
+    lock_delay: float
+
+
+@dataclass(frozen=True)
+class Retaken:
+    """The key had vanished (Redis lost it) and was set again with our token and fencing token.
+
+    Safe without waiting only if our own lease was still valid when the reply arrived;
+    the owner decides, ``lock_delay`` tells how long a new holder would have to wait.
+    """
+
+    fencing_token: int
+    lock_delay: float
+
+
+@dataclass(frozen=True)
+class Taken:
+    """Another token holds the key; it expires in ``ttl_left`` seconds unless renewed."""
+
+    holder: str
+    ttl_left: float
+    fencing_token: Optional[int]
+
+
+LeaseResult = Union[Acquired, Renewed, Retaken, Taken]
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    """A read-only snapshot of a lease, as ``mutexowner status`` shows it."""
+
+    key: str
+    holder: Optional[str]
+    fencing_token: Optional[int]
+    ttl_left: Optional[float]
+    fencing_counter: Optional[int]
+    lock_delay_remaining: float
+    epoch_present: bool
+
+    @property
+    def held(self) -> bool:
+        """True when some owner holds the lease right now."""
+        return self.holder is not None
+
+
+@dataclass(frozen=True)
+class LeaseKeys:
+    """The Redis keys of one lease. They share the hash tag ``{name}``, so one cluster slot."""
+
+    name: str
+    prefix: str = "mutexowner"
+
+    @property
+    def tag(self) -> str:
+        return f"{self.prefix}:{{{self.name}}}"
+
+    @property
+    def lease(self) -> str:
+        return f"{self.tag}:lease"
+
+    @property
+    def fence(self) -> str:
+        return f"{self.tag}:fence"
+
+    @property
+    def epoch(self) -> str:
+        return f"{self.tag}:epoch"
+
+    @property
+    def channel(self) -> str:
+        return f"{self.tag}:released"
+
+    def all(self) -> tuple[str, str, str]:
+        return (self.lease, self.fence, self.epoch)
+
+
+def validate_name(name: object, parameter: str = "name") -> str:
+    """Check a lease name: a non-empty str without braces (they would break the hash tag)."""
+    if not isinstance(name, str):
+        raise TypeError(f"{parameter} must be a str, got {type(name).__name__}")
+    if not name:
+        raise ValueError(f"{parameter} must be a non-empty string")
+    if "{" in name or "}" in name:
+        raise ValueError(
+            f"{parameter} must not contain '{{' or '}}' (the lease keys use {{{parameter}}} as "
+            f"their cluster hash tag), got {name!r}"
+        )
+    return name
+
+
+# Error replies that mean "the server is not able to do this right now": restarting,
+# failing over, busy with a script, out of memory, or cannot persist.
+_TRANSIENT_PREFIXES = (
+    "LOADING",
+    "READONLY",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "MASTERDOWN",
+    "BUSY",
+    "NOREPLICAS",
+    "MISCONF",
+    "OOM",
+    "UNBLOCKED",
+    "MOVED",
+    "ASK",
+)
+
+
+# redis-py added AuthorizationError after 5.0; older versions raise ResponseError instead.
+_AUTHORIZATION_ERRORS: tuple[type[BaseException], ...] = tuple(
+    cls for cls in (getattr(rex, "AuthorizationError", None),) if isinstance(cls, type)
+)
+
+
+def classify_error(exc: BaseException) -> LeaseError:
+    """Map any exception from a lease round trip to a transient or fatal ``LeaseError``."""
+    if isinstance(exc, LeaseError):
+        return exc
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, (rex.AuthenticationError, rex.AuthenticationWrongNumberOfArgsError)):
+        return RedisFatalError(f"authentication failed: {message}", kind="auth")
+    if isinstance(exc, _AUTHORIZATION_ERRORS):
+        return RedisFatalError(f"not authorized: {message}", kind="auth")
+    if isinstance(exc, rex.NoPermissionError):
+        return RedisFatalError(f"ACL denied the lease script: {message}", kind="noperm")
+    if isinstance(exc, rex.BusyLoadingError):
+        return RedisTransientError(f"Redis is loading its dataset: {message}", kind="loading")
+    if isinstance(exc, rex.ReadOnlyError):
+        return RedisTransientError(f"Redis is a read-only replica: {message}", kind="readonly")
+    if isinstance(exc, (rex.TimeoutError, socket.timeout)):
+        return RedisTransientError(f"Redis did not answer in time: {message}", kind="timeout")
+    if isinstance(exc, (rex.ConnectionError, ConnectionError, OSError)):
+        return RedisTransientError(f"cannot reach Redis: {message}", kind="connection")
+    if isinstance(exc, (rex.ClusterDownError, rex.TryAgainError)):
+        return RedisTransientError(f"cluster not ready: {message}", kind="cluster")
+    if isinstance(exc, rex.ResponseError):
+        upper = message.lstrip().upper()
+        if upper.startswith(_TRANSIENT_PREFIXES):
+            kind = upper.split(" ", 1)[0].lower()
+            return RedisTransientError(f"Redis is temporarily refusing: {message}", kind=kind)
+        if "WRONGTYPE" in upper:
+            return RedisFatalError(
+                f"a lease key holds a value of the wrong type: {message}", kind="wrongtype"
+            )
+        if "NOPERM" in upper:
+            return RedisFatalError(f"ACL denied the lease script: {message}", kind="noperm")
+        if "NOAUTH" in upper or "WRONGPASS" in upper:
+            return RedisFatalError(f"authentication failed: {message}", kind="auth")
+        return RedisFatalError(f"the lease script failed: {message}", kind="script")
+    if isinstance(exc, rex.RedisError):
+        return RedisFatalError(f"Redis client error: {message}", kind="client")
+    return RedisFatalError(f"unexpected {type(exc).__name__}: {message}", kind="unexpected")
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _int_or_none(value: Any) -> Optional[int]:
+    text = _text(value) if value is not None else ""
+    return int(text) if text.lstrip("-").isdigit() else None
+
+
+def _fence(value: Any) -> int:
+    fence = _int_or_none(value)
+    if fence is None:
+        raise RedisFatalError(f"the lease hash has no valid fencing token: {value!r}", kind="data")
+    return fence
+
+
+class Lease:
+    """One lease key and its protocol: acquire-or-renew, release with notice, inspect.
+
+    ``client`` should be the dedicated lease client (see ``connection.derive_lease_client``);
+    every method is a single bounded round trip (two if Redis forgot the script).
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        name: str,
+        *,
+        ttl: float,
+        identity: str,
+        prefix: str = "mutexowner",
+    ) -> None:
+        self.keys = LeaseKeys(validate_name(name), prefix)
+        self.ttl_ms = max(1, round(ttl * 1000))
+        self.identity = identity
+        self._client = client
+        self._pid = os.getpid()
+        self._acquire = client.register_script(ACQUIRE_LUA)
+        self._release = client.register_script(RELEASE_LUA)
+        self._inspect = client.register_script(INSPECT_LUA)
+
+    @property
+    def client(self) -> redis.Redis:
+        return self._client
+
+    def acquire(self, token: str) -> LeaseResult:
+        """Take the key if it is free (or already ours); report the holder if it is not."""
+        return self._acquire_or_renew(token, own_fence=None)
+
+    def renew(self, token: str, fencing_token: int) -> LeaseResult:
+        """Extend our lease; re-take the key with the same fencing token if Redis lost it."""
+        return self._acquire_or_renew(token, own_fence=fencing_token)
+
+    def release(self, token: str) -> bool:
+        """Delete the key if it still holds ``token`` and notify standbys; False if not ours."""
+        reply = self._run(
+            self._release,
+            keys=[self.keys.lease],
+            args=[token, self.keys.channel, self.identity],
+        )
+        return bool(int(reply))
+
+    def inspect(self) -> LeaseInfo:
+        """Who holds the lease, for how long, and the fencing counter (no token revealed)."""
+        reply = self._run(self._inspect, keys=list(self.keys.all()), args=[])
+        identity, fence, pttl, counter, quiet_ms = (_text(v) for v in reply[:5])
+        epoch_present = bool(int(reply[7])) if len(reply) > 7 else True
+        pttl_ms = int(pttl)
+        held = pttl_ms != -2
+        return LeaseInfo(
+            key=self.keys.lease,
+            holder=identity if held else None,
+            fencing_token=_int_or_none(fence) if held else None,
+            ttl_left=(pttl_ms / 1000.0 if pttl_ms >= 0 else None) if held else None,
+            fencing_counter=_int_or_none(counter),
+            lock_delay_remaining=int(quiet_ms) / 1000.0,
+            epoch_present=epoch_present,
+        )
+
+    def _acquire_or_renew(self, token: str, own_fence: Optional[int]) -> LeaseResult:
+        reply = self._run(
+            self._acquire,
+            keys=list(self.keys.all()),
+            args=[
+                token,
+                self.identity,
+                str(self.ttl_ms),
+                "" if own_fence is None else str(own_fence),
+                new_token(),
+            ],
+        )
+        return self._parse(reply)
+
+    def _parse(self, reply: Any) -> LeaseResult:
+        try:
+            status = _text(reply[0])
+            if status == "taken":
+                pttl = int(reply[2])
+                # -1: someone set the key without an expiry; look again after one ttl.
+                ttl_left = pttl / 1000.0 if pttl >= 0 else self.ttl_ms / 1000.0
+                return Taken(
+                    holder=_text(reply[1]) or "<unknown>",
+                    ttl_left=max(0.0, ttl_left),
+                    fencing_token=_int_or_none(reply[3]),
+                )
+            fence = _fence(reply[1])
+            lock_delay = int(reply[2]) / 1000.0
+        except (IndexError, TypeError, ValueError) as exc:
+            raise RedisFatalError(
+                f"unexpected reply from the lease script: {reply!r}", kind="data"
+            ) from exc
+        if status == "acquired":
+            return Acquired(fence, lock_delay)
+        if status == "renewed":
+            return Renewed(fence, lock_delay)
+        if status == "retaken":
+            return Retaken(fence, lock_delay)
+        raise RedisFatalError(f"unexpected reply from the lease script: {reply!r}", kind="data")
+
+    def _run(self, script: Any, *, keys: list[str], args: list[str]) -> Any:
+        if os.getpid() != self._pid:
+            raise ForkedOwnerError(
+                f"lease {self.keys.name!r} was created in process {self._pid}; this forked "
+                f"child ({os.getpid()}) must not renew or release it"
+            )
+        try:
+            return script(keys=keys, args=args, client=self._client)
+        except Exception as exc:  # classified once, here
+            raise classify_error(exc) from exc

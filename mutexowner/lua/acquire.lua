@@ -1,0 +1,71 @@
+-- Acquire-or-renew: the only script that writes the lease (DESIGN invariants 1, 2, 6, 7).
+--
+-- KEYS[1] lease hash {token, identity, fence, ttl_ms, since_ms}, expires after ttl
+-- KEYS[2] fencing counter: a decimal integer, never expires
+-- KEYS[3] epoch hash {id, run_id, quiet_until}: proof that Redis still holds our state
+-- ARGV[1] token (fresh random per acquisition)   ARGV[2] holder identity
+-- ARGV[3] ttl in ms   ARGV[4] fencing token when renewing, '' when acquiring
+-- ARGV[5] a fresh random epoch id, used only if the epoch must be re-created
+--
+-- Replies: {'acquired'|'renewed'|'retaken', fence, quiet_ms, ttl_ms}
+--          {'taken', holder identity, pttl, holder fence}
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+
+local token, identity = ARGV[1], ARGV[2]
+local ttl_ms = tonumber(ARGV[3])
+local own_fence, new_epoch = ARGV[4], ARGV[5]
+
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+
+-- Has Redis lost its state since the epoch was written? Either the epoch is gone
+-- (restart without persistence, flush) or the server instance changed (restart from
+-- an older snapshot, failover to a replica). Then a lease granted before the loss may
+-- still be running on its holder's clock, so nobody may start workers until one full
+-- ttl has passed: the quiet period, shared by every caller through the epoch hash.
+local run_id = ''
+local info = redis.pcall('INFO', 'server')
+if type(info) == 'string' then
+  run_id = string.match(info, 'run_id:(%w+)') or ''
+end
+local epoch = redis.call('HMGET', KEYS[3], 'id', 'run_id', 'quiet_until')
+local quiet_until = tonumber(epoch[3]) or 0
+local known_run = epoch[2] or ''
+if not epoch[1] or (run_id ~= '' and known_run ~= '' and known_run ~= run_id) then
+  quiet_until = now_ms + ttl_ms
+  redis.call('HSET', KEYS[3], 'id', epoch[1] or new_epoch, 'run_id', run_id,
+             'quiet_until', string.format('%.0f', quiet_until))
+elseif run_id ~= '' and known_run ~= run_id then
+  redis.call('HSET', KEYS[3], 'run_id', run_id)
+end
+local quiet_ms = math.max(0, quiet_until - now_ms)
+
+local cur = redis.call('HMGET', KEYS[1], 'token', 'identity', 'fence')
+if cur[1] == token then
+  -- Ours: renewal, or an acquire whose reply was lost (idempotent acquire).
+  redis.call('PEXPIRE', KEYS[1], ttl_ms)
+  return {'renewed', cur[3] or '', quiet_ms, ttl_ms}
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {'taken', cur[2] or '', redis.call('PTTL', KEYS[1]), cur[3] or ''}
+end
+
+-- Free. A renewing holder re-takes it with its own fencing token; a new holder gets
+-- max(counter + 1, TIME in microseconds), strictly greater than any earlier token even
+-- when the counter itself was lost with the data.
+local counter = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+local fence, status
+if own_fence ~= '' then
+  fence, status = tonumber(own_fence), 'retaken'
+else
+  fence, status = math.max(counter + 1, now_us), 'acquired'
+end
+local fence_s = string.format('%.0f', fence)
+if fence > counter then
+  redis.call('SET', KEYS[2], fence_s)
+end
+redis.call('HSET', KEYS[1], 'token', token, 'identity', identity, 'fence', fence_s,
+           'ttl_ms', ARGV[3], 'since_ms', string.format('%.0f', now_ms))
+redis.call('PEXPIRE', KEYS[1], ttl_ms)
+return {status, fence_s, quiet_ms, ttl_ms}

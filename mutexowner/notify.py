@@ -1,0 +1,99 @@
+"""Hand-off notices: a standby learns within milliseconds that the holder released the lease.
+
+The release script publishes on the lease's channel; each owner keeps one subscription in a
+small thread and wakes its machine when a notice arrives, or when the subscription comes
+back after an outage (a release may have been missed meanwhile). The owner's own timed
+retries remain the fallback, so a lost notice only costs latency, never correctness.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from typing import Callable, Optional
+
+import redis
+
+from mutexowner.backoff import BackoffPolicy
+
+__all__ = ["ReleaseListener"]
+
+log = logging.getLogger("mutexowner.notify")
+
+#: How often the subscription thread looks at its stop flag while no message arrives.
+POLL_SECONDS = 0.1
+
+
+class ReleaseListener:
+    """Subscribes to a release channel and calls ``on_notice()`` for every notice."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        channel: str,
+        on_notice: Callable[[], None],
+        *,
+        name: str,
+        backoff: BackoffPolicy,
+    ) -> None:
+        self._client = client
+        self._channel = channel
+        self._on_notice = on_notice
+        self._name = name
+        self._backoff = backoff
+        self._rng = random.Random()
+        self._stopping = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(
+            target=self._run, name=f"mutexowner-notify-{self._name}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: Optional[float] = None) -> bool:
+        """Stop listening; True when the thread has ended within ``timeout``."""
+        self._stopping.set()
+        thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return thread is None
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            pubsub = None
+            try:
+                pubsub = self._client.pubsub(  # type: ignore[no-untyped-call]
+                    ignore_subscribe_messages=True
+                )
+                pubsub.subscribe(self._channel)
+                if failures:
+                    log.debug("release notices resumed on %s", self._channel)
+                    self._notice()  # a release may have happened while we were cut off
+                failures = 0
+                while not self._stopping.is_set():
+                    message = pubsub.get_message(timeout=POLL_SECONDS)
+                    if message is not None and message.get("type") == "message":
+                        self._notice()
+            except Exception as exc:  # Redis down or restarting: resubscribe after a pause
+                failures += 1
+                if failures == 1:
+                    log.debug("release notices interrupted on %s: %s", self._channel, exc)
+                self._stopping.wait(self._backoff.delay(failures, self._rng))
+            finally:
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except Exception:
+                        log.debug("closing the release subscription failed", exc_info=True)
+
+    def _notice(self) -> None:
+        try:
+            self._on_notice()
+        except Exception:
+            log.exception("release notice handler failed")

@@ -1,0 +1,918 @@
+"""``MutexOwner``: holds a Redis lease from a background thread and runs workers only while held.
+
+One thread drives a ``transitions`` state machine (declared in ``machine.py``). Each turn of
+its loop (``_tick``) does what is due at the injected clock's time: acquire, renew, step
+down, release. Between turns it waits on a condition until the next due time or an outside
+event (stop, a release notice, the supervisor). The same turn can be called directly in
+tests (``mutexowner.testing.OwnerDriver``), without the thread and without real time.
+
+Safety rests on the local deadline (DESIGN invariant 3): a lease confirmed by a reply to a
+request sent at ``t_sent`` is trusted until ``t_sent + ttl - drift`` on our own clock, which
+ends before Redis can expire the key. Workers are told to stop ``shutdown_timeout`` before
+that deadline, by this thread and, independently, by the supervisor's own monitor thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import secrets
+import socket
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+from transitions import EventData
+from transitions.extensions import LockedMachine
+
+from mutexowner import machine as m
+from mutexowner.backoff import BackoffPolicy
+from mutexowner.clock import Clock, default_clock, wait_on
+from mutexowner.connection import (
+    client_from,
+    derive_lease_client,
+    describe_client,
+    redact_text,
+)
+from mutexowner.errors import ForkedOwnerError, LeaseError, OwnerStoppedError
+from mutexowner.events import Event, EventDispatcher, Listener
+from mutexowner.lease import (
+    Acquired,
+    Lease,
+    LeaseResult,
+    Renewed,
+    Retaken,
+    Taken,
+    classify_error,
+    new_token,
+    validate_name,
+)
+from mutexowner.notify import ReleaseListener
+from mutexowner.supervisor import Supervisor
+
+__all__ = ["MutexOwner", "OwnerStatus", "drift_for"]
+
+log = logging.getLogger("mutexowner.owner")
+
+OUTAGE_MODES = ("step_down", "keep_running")
+STUCK_POLICIES = ("exit", "abandon")
+#: Exit status used by the "exit" stuck-worker policy (EX_SOFTWARE).
+STUCK_EXIT_STATUS = 70
+#: A repeated Redis error is logged again at most this often (seconds).
+ERROR_LOG_INTERVAL = 30.0
+
+StuckPolicy = Union[str, Callable[[tuple[str, ...]], object]]
+
+
+def drift_for(ttl: float) -> float:
+    """Clock-drift allowance subtracted from every lease: 1 % of ttl plus 2 ms (DESIGN)."""
+    return ttl * 0.01 + 0.002
+
+
+@dataclass(frozen=True)
+class OwnerStatus:
+    """A consistent snapshot of an owner, safe to log or serve (no password, no token)."""
+
+    key: str
+    identity: str
+    state: str
+    holding: bool
+    fencing_token: Optional[int]
+    #: Seconds until the local lease deadline (None when not holding the key).
+    lease_remaining: Optional[float]
+    consecutive_errors: int
+    last_error: Optional[str]
+    #: Seconds until the next Redis call (None when none is scheduled).
+    next_attempt_in: Optional[float]
+    #: Seconds of lock-delay left before workers may start (state "settling").
+    lock_delay_remaining: Optional[float] = None
+    workers_running: bool = False
+    stuck_workers: tuple[str, ...] = ()
+    outage: str = "step_down"
+    redis: str = ""
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def _default_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class _CallbackListener:
+    """Adapts ``on_acquired(fencing_token)`` / ``on_lost(reason)`` to the event stream."""
+
+    def __init__(self, kind: str, callback: Callable[[Any], object]) -> None:
+        self.kind = kind
+        self.callback = callback
+
+    def __call__(self, event: Event) -> None:
+        if event.kind != self.kind:
+            return
+        self.callback(event.fencing_token if self.kind == "acquired" else event.reason)
+
+
+class _Model:
+    """The object ``transitions`` drives: it holds only the state name (and gets the triggers)."""
+
+    state: str
+
+
+class _Guard:
+    """The lease deadline as workers and the supervisor see it (a lock-free float read)."""
+
+    def __init__(self) -> None:
+        self.until: Optional[float] = -math.inf
+
+    def valid_until(self) -> Optional[float]:
+        return self.until
+
+
+_OWNERS: weakref.WeakSet[MutexOwner] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for owner in list(_OWNERS):
+        owner._forked = True
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class MutexOwner:
+    """Owns the Redis lease ``name`` and runs ``supervisor``'s workers only while holding it."""
+
+    def __init__(
+        self,
+        redis: Any,
+        name: str,
+        ttl: float = 10.0,
+        renew_interval: Optional[float] = None,
+        backoff: Optional[BackoffPolicy] = None,
+        supervisor: Optional[Supervisor] = None,
+        identity: Optional[str] = None,
+        on_acquired: Optional[Callable[[int], object]] = None,
+        on_lost: Optional[Callable[[str], object]] = None,
+        outage: str = "step_down",
+        clock: Optional[Clock] = None,
+        *,
+        call_timeout: Optional[float] = None,
+        stuck_worker_policy: StuckPolicy = "exit",
+        prefix: str = "mutexowner",
+    ) -> None:
+        self.key = validate_name(name, "name")
+        validate_name(prefix, "prefix")
+        self.ttl = _number("ttl", ttl)
+        if self.ttl <= 0:
+            raise ValueError(f"ttl must be a finite number > 0 (seconds), got {ttl!r}")
+        self.drift = drift_for(self.ttl)
+        if renew_interval is None:
+            self.renew_interval = self.ttl / 3
+        else:
+            self.renew_interval = _number("renew_interval", renew_interval)
+            if not 0 < self.renew_interval < self.ttl:
+                raise ValueError(
+                    f"renew_interval must be > 0 and < ttl ({self.ttl:g}), got {renew_interval!r}"
+                )
+        if call_timeout is None:
+            self.call_timeout = min(1.0, self.renew_interval / 3)
+        else:
+            self.call_timeout = _number("call_timeout", call_timeout)
+            if not 0 < self.call_timeout <= self.renew_interval:
+                raise ValueError(
+                    f"call_timeout must be > 0 and <= renew_interval "
+                    f"({self.renew_interval:g}), got {call_timeout!r}"
+                )
+        if backoff is not None and not isinstance(backoff, BackoffPolicy):
+            raise TypeError(
+                f"backoff must be a BackoffPolicy or None, got {type(backoff).__name__}"
+            )
+        self.backoff = backoff if backoff is not None else BackoffPolicy()
+        if supervisor is not None and not isinstance(supervisor, Supervisor):
+            raise TypeError(
+                f"supervisor must be a Supervisor or None, got {type(supervisor).__name__}"
+            )
+        self.supervisor = supervisor
+        shutdown = supervisor.shutdown_timeout if supervisor is not None else 0.0
+        if supervisor is not None and not self.renew_interval + shutdown < self.ttl - self.drift:
+            raise ValueError(
+                f"renew_interval ({self.renew_interval:g}) + supervisor shutdown_timeout "
+                f"({shutdown:g}) must be < ttl - drift ({self.ttl - self.drift:g} for ttl="
+                f"{self.ttl:g}): workers are told to stop shutdown_timeout before the lease "
+                f"deadline, which must come after the first renewal. Lower shutdown_timeout "
+                f"or renew_interval, or raise ttl."
+            )
+        self._shutdown_budget = shutdown
+        if identity is None:
+            identity = _default_identity()
+        if not isinstance(identity, str) or not identity.strip() or "\n" in identity:
+            raise ValueError(f"identity must be a non-empty single-line string, got {identity!r}")
+        self.identity = identity
+        for pname, callback in (("on_acquired", on_acquired), ("on_lost", on_lost)):
+            if callback is not None and not callable(callback):
+                raise TypeError(f"{pname} must be callable or None, got {type(callback).__name__}")
+        if outage not in OUTAGE_MODES:
+            raise ValueError(f"outage must be one of {', '.join(OUTAGE_MODES)}, got {outage!r}")
+        self.outage = outage
+        if clock is not None and not callable(clock):
+            raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
+        self._clock: Clock = clock if clock is not None else default_clock
+        if not (callable(stuck_worker_policy) or stuck_worker_policy in STUCK_POLICIES):
+            raise ValueError(
+                f"stuck_worker_policy must be one of {', '.join(STUCK_POLICIES)} or a callable, "
+                f"got {stuck_worker_policy!r}"
+            )
+        self.stuck_worker_policy = stuck_worker_policy
+
+        self._base_client = client_from(redis)
+        self._redis_description = describe_client(self._base_client)
+        self._client = derive_lease_client(self._base_client, timeout=self.call_timeout)
+        self._lease = Lease(self._client, self.key, ttl=self.ttl, identity=identity, prefix=prefix)
+
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        # The machine's lock is the owner's lock: a trigger and the fields it reads change together.
+        self._model = _Model()
+        self._machine = LockedMachine(
+            model=self._model,
+            states=list(m.STATES),
+            transitions=m.TRANSITIONS,
+            initial=m.STOPPED,
+            auto_transitions=False,
+            send_event=True,
+            after_state_change=self._on_state_change,
+            machine_context=[self._lock],  # type: ignore[list-item]
+        )
+        self._rng = random.Random()
+        self._events = EventDispatcher(self.key)
+        if on_acquired is not None:
+            self._events.add(_CallbackListener("acquired", on_acquired))
+        if on_lost is not None:
+            self._events.add(_CallbackListener("lost", on_lost))
+        self._guard = _Guard()
+        if supervisor is not None:
+            supervisor._bind(
+                clock=self._clock, guard=self._guard, key=self.key, hook=self._supervisor_hook
+            )
+        self._listener: Optional[ReleaseListener] = None
+
+        # Machine variables; written by the thread that runs _tick (lock held).
+        self._token: Optional[str] = None
+        self._fence: Optional[int] = None
+        self._deadline = -math.inf
+        self._settle_until: Optional[float] = None
+        self._next_attempt: Optional[float] = None
+        self._errors = 0
+        self._fatal = False
+        self._last_error: Optional[str] = None
+        self._last_error_logged = -math.inf
+        self._lost_reason: Optional[str] = None
+        # True from entering "holding" until the workers' states are left: a holding period.
+        self._holding_period = False
+        self._give_up_reason: Optional[str] = None
+        self._workers_failures = 0
+        self._stop_signalled_at: Optional[float] = None
+        self._stuck_reported = False
+        # Outside events; written by any thread (lock held), read by the machine.
+        self._stop_requested = False
+        self._release_notice = False
+        self._workers_failed = False
+        self._wake = False
+        # Lifecycle.
+        self._thread: Optional[threading.Thread] = None
+        self._started = False
+        self._final = False
+        self._done = threading.Event()
+        self._forked = False
+        self._pid = os.getpid()
+        _OWNERS.add(self)
+
+    # -- public API -----------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """The machine's state: stopped, acquiring, settling, holding, suspended or draining."""
+        return m.STOPPED if self._forked else self._fsm_state
+
+    @property
+    def holding(self) -> bool:
+        """True while workers may run: the lease is ours and its local deadline has not passed."""
+        if self._forked:
+            return False
+        with self._lock:
+            return self._holding_now(self._clock())
+
+    @property
+    def fencing_token(self) -> Optional[int]:
+        """The fencing token of the current holding period, else None."""
+        with self._lock:
+            return self._fence if self._holding_now(self._clock()) else None
+
+    def start(self) -> None:
+        """Start contending for the lease; returns at once (the machine runs in a daemon thread).
+
+        Idempotent while running; an owner that was stopped cannot be started again.
+        """
+        self._check_fork()
+        with self._lock:
+            if self._final or self._stop_requested:
+                raise OwnerStoppedError(
+                    f"owner {self.key!r} was stopped; stop is final, create a new MutexOwner"
+                )
+            if self._started:
+                return
+            self._begin()
+            self._events.start()
+            self._listener = ReleaseListener(
+                derive_lease_client(self._base_client, timeout=max(1.0, self.call_timeout)),
+                self._lease.keys.channel,
+                self._on_release_notice,
+                name=self.key,
+                backoff=self.backoff,
+            )
+            self._listener.start()
+            self._thread = threading.Thread(
+                target=self._run, name=f"mutexowner-{self.key}", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self, timeout: Optional[float] = None) -> bool:
+        """Stop workers, release the lease, notify standbys; then end every owner thread.
+
+        Blocks until done or ``timeout`` seconds passed; returns True when fully stopped.
+        Idempotent, final, and safe from any thread: from a worker, a listener or the owner's
+        own thread it only requests the stop and returns False. In a forked child it does
+        nothing (the parent's lease is the parent's).
+        """
+        if self._forked or os.getpid() != self._pid:
+            log.debug("stop() in a forked child ignored for key=%s", self.key)
+            return True
+        with self._cond:
+            self._stop_requested = True
+            self._wake = True
+            self._cond.notify_all()
+            thread = self._thread
+            started = self._started
+        if not started:
+            with self._lock:
+                self._final = True
+                self._done.set()
+            return True
+        if thread is None:  # manual mode (tests): the driver completes the stop
+            return self._done.is_set()
+        current = threading.current_thread()
+        supervised = self.supervisor is not None and current.name.startswith("mutexowner-")
+        if current is thread or (supervised and current in self._supervisor_threads()):
+            return False
+        if current.name == f"mutexowner-events-{self.key}":
+            return False
+        if not self._done.wait(timeout):
+            return False
+        thread.join()
+        listener = self._listener
+        if listener is not None:
+            listener.stop()
+        self._events.stop()
+        return True
+
+    def __enter__(self) -> MutexOwner:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def wait_until_holding(self, timeout: Optional[float] = None) -> bool:
+        """Block (real time) until the owner holds the lease; False on timeout or stop."""
+        self._check_fork()
+        with self._cond:
+            end = None if timeout is None else default_clock() + timeout
+            while not self._holding_now(self._clock()):
+                if self._final or self._stop_requested:
+                    return False
+                remaining = None if end is None else end - default_clock()
+                if remaining is not None and remaining <= 0:
+                    return False
+                # Re-check at least every 50 ms: the deadline can pass without a notify.
+                self._cond.wait(0.05 if remaining is None else min(remaining, 0.05))
+            return True
+
+    def status(self) -> OwnerStatus:
+        """A consistent snapshot of the owner (safe to log: no password, no token)."""
+        self._check_fork()
+        with self._lock:
+            now = self._clock()
+            lease_states = self._fsm_state in m.LEASE_STATES
+            sup = self.supervisor
+            return OwnerStatus(
+                key=self.key,
+                identity=self.identity,
+                state=self._fsm_state,
+                holding=self._holding_now(now),
+                fencing_token=self._fence if self._holding_now(now) else None,
+                lease_remaining=max(0.0, self._deadline - now) if lease_states else None,
+                consecutive_errors=self._errors,
+                last_error=self._last_error,
+                next_attempt_in=(
+                    max(0.0, self._next_attempt - now)
+                    if self._next_attempt is not None and self._fsm_state != m.STOPPED
+                    else None
+                ),
+                lock_delay_remaining=(
+                    max(0.0, self._settle_until - now)
+                    if self._fsm_state == m.SETTLING and self._settle_until is not None
+                    else None
+                ),
+                workers_running=bool(sup is not None and sup.alive_workers),
+                stuck_workers=sup.stuck_workers if sup is not None else (),
+                outage=self.outage,
+                redis=self._redis_description,
+            )
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(event)`` for every state change and lease event (see ``Event``)."""
+        self._events.add(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        """Stop calling ``listener``; ValueError if it was not added."""
+        self._events.remove(listener)
+
+    def __repr__(self) -> str:
+        return (
+            f"MutexOwner(key={self.key!r}, identity={self.identity!r}, state={self.state!r}, "
+            f"fencing_token={self._fence}, redis={self._redis_description!r})"
+        )
+
+    # -- lifecycle internals --------------------------------------------------------------
+
+    def _check_fork(self) -> None:
+        if self._forked or os.getpid() != self._pid:
+            self._forked = True
+            raise ForkedOwnerError(
+                f"MutexOwner {self.key!r} was created in process {self._pid} and cannot be used "
+                f"in forked child {os.getpid()}: create a new MutexOwner after fork"
+            )
+
+    def _begin(self, *, manual: bool = False) -> None:
+        """Leave ``stopped`` (lock held). ``manual``: no threads, the caller steps ``_tick``."""
+        self._started = True
+        self._token = new_token()
+        self._next_attempt = self._clock()
+        self._fire("start")
+
+    def _run(self) -> None:
+        """The owner thread: turn the machine until it reaches stopped for good."""
+        while True:
+            try:
+                wait = self._tick()
+            except Exception:  # never die: log, pause, carry on
+                log.critical("owner machine error for key=%s; continuing", self.key, exc_info=True)
+                wait = min(self.renew_interval, 1.0)
+            with self._cond:
+                if self._final:
+                    return
+                if not self._wake:
+                    wait_on(self._clock, self._cond, wait)
+                self._wake = False
+
+    def _supervisor_threads(self) -> list[threading.Thread]:
+        sup = self.supervisor
+        if sup is None:
+            return []
+        with sup._lock:
+            return [run.thread for run in sup._runs]
+
+    # -- outside events -------------------------------------------------------------------
+
+    def _on_release_notice(self) -> None:
+        with self._cond:
+            self._release_notice = True
+            self._wake = True
+            self._cond.notify_all()
+
+    def _supervisor_hook(self, what: str, detail: str) -> None:
+        with self._cond:
+            if what == "failed":
+                self._workers_failed = True
+            self._wake = True
+            self._cond.notify_all()
+        if what == "restarted":
+            self._emit("workers_restarted", detail=detail)
+        elif what == "stuck":
+            self._emit("workers_stuck", detail=detail)
+
+    # -- the machine ----------------------------------------------------------------------
+
+    @property
+    def _fsm_state(self) -> str:
+        return self._model.state
+
+    def _fire(self, trigger: str, **kwargs: Any) -> None:
+        self._machine.events[trigger].trigger(self._model, **kwargs)
+
+    def _on_state_change(self, event: EventData) -> None:
+        source = event.transition.source if event.transition is not None else None
+        dest = self._fsm_state
+        reason = event.kwargs.get("reason")
+        log.info(
+            "key=%s identity=%s state %s -> %s fencing_token=%s%s",
+            self.key,
+            self.identity,
+            source,
+            dest,
+            self._fence,
+            f" reason={reason}" if reason else "",
+        )
+        self._emit("state", previous_state=source, reason=reason)
+        if dest == m.HOLDING and not self._holding_period:
+            self._holding_period = True
+            self._emit("acquired")
+        if self._holding_period and dest not in m.WORKER_STATES:
+            self._holding_period = False
+            self._emit("lost", reason=reason)
+        self._cond.notify_all()
+
+    def _emit(self, kind: str, **fields: Any) -> None:
+        self._events.emit(
+            Event(
+                kind=kind,
+                key=self.key,
+                identity=self.identity,
+                state=self._fsm_state,
+                time=self._clock(),
+                fencing_token=self._fence,
+                **fields,
+            )
+        )
+
+    def _holding_now(self, now: float) -> bool:
+        if not self._holding_period or self._fsm_state not in m.WORKER_STATES:
+            return False
+        return self.outage == "keep_running" or now < self._deadline
+
+    def _tick(self) -> Optional[float]:
+        """Do what is due now; return seconds until something is due again (None: only events)."""
+        with self._lock:
+            now = self._clock()
+            state = self._fsm_state
+            if state == m.STOPPED:
+                if self._stop_requested and self._started:
+                    self._finish()
+                return None
+            self._handle_outside_events(now)
+            self._check_deadline(now)
+            self._check_stuck_workers(now)
+            state = self._fsm_state
+            if state == m.STOPPED:
+                return None
+            if state == m.SETTLING and self._settle_until is not None and now >= self._settle_until:
+                self._settle_until = None
+                self._fire("settled")
+            if self._fsm_state == m.HOLDING:
+                self._ensure_workers()
+            if self._fsm_state in (m.SUSPENDED, m.DRAINING):
+                self._step_down_if_due(now)
+            if self._fsm_state == m.DRAINING and not self._workers_alive():
+                self._release_after_drain()
+            if self._fsm_state == m.ACQUIRING and self._stop_requested:
+                self._fire("stop", reason="stopped")
+                self._finish()
+                return None
+            call_due = (
+                self._next_attempt is not None
+                and self._clock() >= self._next_attempt
+                and self._fsm_state != m.STOPPED
+                and not (self._fsm_state == m.ACQUIRING and self._workers_alive())
+            )
+        if call_due:
+            self._call_redis()
+        with self._lock:
+            return self._seconds_until_due()
+
+    def _handle_outside_events(self, now: float) -> None:
+        state = self._fsm_state
+        if self._stop_requested and state in (m.SETTLING, m.HOLDING, m.SUSPENDED):
+            self._give_up("stopped", now)
+        elif self._workers_failed:
+            self._workers_failed = False
+            if state in (m.HOLDING, m.SUSPENDED):
+                self._workers_failures += 1
+                self._give_up("workers_failed", now)
+        if self._release_notice:
+            self._release_notice = False
+            if self._fsm_state == m.ACQUIRING and not self._stop_requested:
+                self._next_attempt = now
+
+    def _check_deadline(self, now: float) -> None:
+        """The local deadline passed without a confirmed renewal: the lease is gone."""
+        if self.outage == "keep_running" or self._fsm_state not in m.LEASE_STATES:
+            return
+        if now >= self._deadline:
+            self._lose("expired", now)
+            if self._errors:
+                self._next_attempt = now + self._retry_delay()
+
+    def _lose(self, reason: str, now: float) -> None:
+        """Holding ended against our will: stop workers now, forget the token."""
+        self._guard.until = -math.inf
+        self._signal_workers_stop(now)
+        self._lost_reason = reason
+        self._token = new_token()
+        self._settle_until = None
+        self._fire("lost", reason=reason)
+        if self._stop_requested:
+            self._fire("stop", reason="stopped")
+            self._finish()
+
+    def _give_up(self, reason: str, now: float) -> None:
+        """Voluntary end (stop or workers failed): drain workers while still renewing."""
+        self._give_up_reason = reason
+        self._signal_workers_stop(now)
+        self._fire("give_up", reason=reason)
+
+    def _signal_workers_stop(self, now: float) -> None:
+        sup = self.supervisor
+        if sup is not None and sup.running:
+            if self._stop_signalled_at is None:
+                self._stop_signalled_at = now
+            sup.stop(timeout=0)
+
+    def _workers_alive(self) -> bool:
+        sup = self.supervisor
+        return sup is not None and bool(sup.alive_workers)
+
+    def _ensure_workers(self) -> None:
+        """In ``holding``, the workers run: start them if they are not running."""
+        sup = self.supervisor
+        if sup is None or sup.running or self._stop_requested:
+            return
+        self._stop_signalled_at = None
+        self._stuck_reported = False
+        sup.start(fencing_token=self._fence)
+
+    def _step_down_if_due(self, now: float) -> None:
+        """Tell workers to stop early enough that shutdown_timeout fits before the deadline."""
+        if self.outage == "keep_running":
+            return
+        if now >= self._deadline - self._shutdown_budget and self._workers_alive():
+            if self._stop_signalled_at is None:
+                log.warning(
+                    "key=%s identity=%s stepping down: lease deadline in %.3f s not confirmed",
+                    self.key,
+                    self.identity,
+                    max(0.0, self._deadline - now),
+                )
+            self._signal_workers_stop(now)
+
+    def _check_stuck_workers(self, now: float) -> None:
+        """Workers alive after the lease is gone and shutdown_timeout passed: apply the policy."""
+        if self._stuck_reported or self._stop_signalled_at is None or not self._workers_alive():
+            return
+        lease_gone = self._fsm_state in (m.ACQUIRING, m.STOPPED) or (
+            self.outage == "step_down" and now >= self._deadline
+        )
+        if not lease_gone or now < self._stop_signalled_at + self._shutdown_budget:
+            return
+        self._stuck_reported = True
+        stuck = self.supervisor.alive_workers if self.supervisor is not None else ()
+        log.critical(
+            "key=%s identity=%s lost the lease while worker(s) %s still run: applying "
+            "stuck_worker_policy=%r",
+            self.key,
+            self.identity,
+            ", ".join(stuck),
+            self.stuck_worker_policy if isinstance(self.stuck_worker_policy, str) else "callable",
+        )
+        self._emit("workers_stuck", detail=", ".join(stuck), reason="lease_lost")
+        policy = self.stuck_worker_policy
+        if callable(policy):
+            try:
+                policy(stuck)
+            except Exception:
+                log.exception("stuck_worker_policy callable failed")
+        elif policy == "exit":
+            logging.shutdown()
+            os._exit(STUCK_EXIT_STATUS)
+
+    def _release_after_drain(self) -> None:
+        """Workers have all exited: release the lease, then stop or contend again."""
+        token = self._token
+        if token is not None:
+            try:
+                released = self._lease.release(token)
+                if released:
+                    self._emit("released")
+            except Exception as exc:
+                error = classify_error(exc)
+                log.warning(
+                    "key=%s could not release the lease (%s); it expires within %.3g s",
+                    self.key,
+                    redact_text(str(error)),
+                    max(0.0, self._deadline - self._clock()),
+                )
+        self._guard.until = -math.inf
+        self._token = new_token()
+        reason = self._give_up_reason or "stopped"
+        self._give_up_reason = None
+        if self._stop_requested:
+            self._fire("stop", reason="stopped")
+            self._finish()
+            return
+        self._fire("released", reason=reason)
+        delay = self.backoff.delay(max(1, self._workers_failures), self._rng)
+        self._next_attempt = self._clock() + delay
+
+    def _finish(self) -> None:
+        """Reached stopped for good (lock held)."""
+        self._final = True
+        self._next_attempt = None
+        self._guard.until = -math.inf
+        self._done.set()
+        self._cond.notify_all()
+
+    def _seconds_until_due(self) -> Optional[float]:
+        now = self._clock()
+        state = self._fsm_state
+        if state == m.STOPPED:
+            return None
+        due: list[float] = []
+        if self._next_attempt is not None and not (state == m.ACQUIRING and self._workers_alive()):
+            due.append(self._next_attempt)
+        if state in m.LEASE_STATES and self.outage == "step_down":
+            due.append(self._deadline)
+            if self._workers_alive():
+                due.append(self._deadline - self._shutdown_budget)
+        if state == m.SETTLING and self._settle_until is not None:
+            due.append(self._settle_until)
+        if (
+            self._stop_signalled_at is not None
+            and not self._stuck_reported
+            and self._workers_alive()
+        ):
+            due.append(self._stop_signalled_at + self._shutdown_budget)
+        future = [t for t in due if t > now]
+        if len(future) < len(due):
+            return 0.0
+        return min(future) - now if future else None
+
+    # -- Redis round trips ----------------------------------------------------------------
+
+    def _call_redis(self) -> None:
+        """One acquire or renew round trip (no lock held while waiting for Redis)."""
+        with self._lock:
+            state = self._fsm_state
+            token = self._token or new_token()
+            self._token = token
+            fence = self._fence if state in m.LEASE_STATES else None
+        t_sent = self._clock()
+        try:
+            if fence is None:
+                result: LeaseResult = self._lease.acquire(token)
+            else:
+                result = self._lease.renew(token, fence)
+        except ForkedOwnerError:
+            raise
+        except Exception as exc:
+            with self._lock:
+                self._on_error(classify_error(exc))
+            return
+        t_recv = self._clock()
+        with self._lock:
+            self._on_reply(result, t_sent, t_recv, renewing=fence is not None)
+
+    def _on_reply(
+        self, result: LeaseResult, t_sent: float, t_recv: float, *, renewing: bool
+    ) -> None:
+        if self._fsm_state == m.STOPPED:
+            return
+        if self._errors:
+            log.info("key=%s Redis answering again after %d failed call(s)", self.key, self._errors)
+        self._errors = 0
+        self._fatal = False
+        self._last_error = None
+        if (
+            renewing
+            and self._fsm_state in m.LEASE_STATES
+            and self.outage == "step_down"
+            and t_recv >= self._deadline
+        ):
+            # The reply came after our lease had ended locally: whatever it says, the old
+            # holding period is over. Treat the reply as a fresh acquisition.
+            self._lose("expired", t_recv)
+        if isinstance(result, Taken):
+            self._on_taken(result, t_recv)
+            return
+        if self._fsm_state == m.ACQUIRING:
+            self._on_acquired(result, t_sent, t_recv)
+            return
+        # Renewal of a lease we hold.
+        self._fence = result.fencing_token
+        self._deadline = t_sent + self.ttl - self.drift
+        self._guard.until = None if self.outage == "keep_running" else self._deadline
+        self._next_attempt = t_sent + self.renew_interval
+        if self._fsm_state == m.SETTLING and isinstance(result, Retaken) and result.lock_delay > 0:
+            # Our key vanished while we waited (Redis lost its state again?): wait for the
+            # quiet period Redis reports now, if it ends later than the one we wait for.
+            settle = t_recv + result.lock_delay + self.drift
+            self._settle_until = max(self._settle_until or settle, settle)
+        elif isinstance(result, Retaken) and result.lock_delay > 0:
+            log.warning(
+                "key=%s Redis had lost the lease; re-taken by its valid holder %s",
+                self.key,
+                self.identity,
+            )
+        if self.supervisor is not None:
+            self.supervisor._lease_changed()
+        if self._fsm_state == m.SUSPENDED:
+            self._fire("renewed")
+        self._emit("renewed")
+
+    def _on_acquired(self, result: LeaseResult, t_sent: float, t_recv: float) -> None:
+        assert isinstance(result, (Acquired, Renewed, Retaken))
+        self._fence = result.fencing_token
+        self._deadline = t_sent + self.ttl - self.drift
+        self._next_attempt = t_sent + self.renew_interval
+        self._stop_signalled_at = None
+        self._stuck_reported = False
+        if result.lock_delay > 0:
+            # Redis lost its state recently: a lease granted before the loss may still be
+            # running on its holder's clock until the quiet period ends (invariant 7).
+            # Counted from the reply, which comes after Redis computed the delay.
+            self._settle_until = t_recv + result.lock_delay + self.drift
+            self._guard.until = -math.inf
+            log.warning(
+                "key=%s Redis lost its lease state; waiting %.3f s (lock-delay) before "
+                "starting workers",
+                self.key,
+                result.lock_delay,
+            )
+            self._fire("lock_delay", reason="lock_delay")
+            return
+        self._guard.until = None if self.outage == "keep_running" else self._deadline
+        self._fire("acquired")
+        self._ensure_workers()
+
+    def _on_taken(self, result: Taken, t_recv: float) -> None:
+        if self._fsm_state in m.LEASE_STATES:
+            log.warning(
+                "key=%s identity=%s lease taken by %s", self.key, self.identity, result.holder
+            )
+            self._lose("taken", t_recv)
+        if self._fsm_state == m.ACQUIRING:
+            # Look again when the holder's lease would expire; a release notice comes sooner.
+            self._next_attempt = t_recv + result.ttl_left + 0.001
+
+    def _on_error(self, error: LeaseError) -> None:
+        now = self._clock()
+        self._errors += 1
+        self._fatal = not error.transient
+        self._last_error = redact_text(str(error))
+        self._log_error(error, now)
+        self._emit("error", error=self._last_error, error_kind=error.kind)
+        if self._fsm_state == m.HOLDING:
+            self._fire("renew_failed", reason=error.kind)
+            self._emit("suspended", error=self._last_error, error_kind=error.kind)
+        self._next_attempt = self._retry_at(now)
+
+    def _log_error(self, error: LeaseError, now: float) -> None:
+        first = self._errors == 1
+        if not first and now - self._last_error_logged < ERROR_LOG_INTERVAL:
+            return
+        self._last_error_logged = now
+        level = logging.ERROR if not error.transient else logging.WARNING
+        log.log(
+            level,
+            "key=%s identity=%s state=%s Redis %s error (%d in a row): %s",
+            self.key,
+            self.identity,
+            self._fsm_state,
+            "fatal" if not error.transient else "transient",
+            self._errors,
+            self._last_error,
+        )
+
+    def _retry_delay(self) -> float:
+        if self._fatal:
+            return self.backoff.max_delay
+        return self.backoff.delay(max(1, self._errors), self._rng)
+
+    def _retry_at(self, now: float) -> float:
+        """When to try again after an error; while holding, one retry lands before step-down."""
+        at = now + self._retry_delay()
+        if self._fsm_state in m.LEASE_STATES and self.outage == "step_down":
+            # Latest start for a call (up to two round trips) that still confirms the lease
+            # before workers must be told to stop; after that point, keep trying until the
+            # deadline, at most twice per call_timeout.
+            latest = self._deadline - self._shutdown_budget - 2 * self.call_timeout
+            at = min(at, latest) if latest > now else min(at, now + self.call_timeout / 2)
+        return at

@@ -1,0 +1,562 @@
+"""A cooperative one_for_all supervisor for worker threads.
+
+Python threads cannot be killed, so workers cooperate: each gets a ``WorkerContext`` whose
+``stopping`` event is set when it must stop, and whose ``ensure_held()`` raises
+``LeaseLost`` when a side effect could now run twice. The supervisor starts workers in
+registration order, stops them in reverse order, restarts them all together when one
+ends (Erlang/OTP one_for_all), and gives up after more than ``max_restarts`` restarts
+within ``max_seconds``. It is usable on its own; inside a ``MutexOwner`` it runs only
+while the lease is held, and stops the workers by the lease deadline on its own clock,
+even when the owner thread is busy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol, TypeVar
+
+from mutexowner.backoff import BackoffPolicy
+from mutexowner.clock import Clock, WaitableClock, default_clock, wait_on
+from mutexowner.errors import LeaseLost
+
+__all__ = ["LeaseGuard", "Supervisor", "WorkerContext"]
+
+log = logging.getLogger("mutexowner.supervisor")
+
+WorkerTarget = Callable[..., Any]
+F = TypeVar("F", bound=WorkerTarget)
+
+
+class LeaseGuard(Protocol):
+    """What the supervisor and its workers may know of the owner's lease: its local deadline."""
+
+    def valid_until(self) -> Optional[float]:
+        """Clock time at which the lease ends by the owner's clock; None for no deadline."""
+
+
+class WorkerContext:
+    """What a worker sees: its name, the stop signal, the fencing token, and a lease check.
+
+    A fresh context is made for every run of a worker, so a restarted worker never sees the
+    ``stopping`` event of its previous run.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        fencing_token: Optional[int] = None,
+        restart_count: int = 0,
+        clock: Clock = default_clock,
+        guard: Optional[LeaseGuard] = None,
+        key: Optional[str] = None,
+    ) -> None:
+        self.name = name
+        #: Set when the worker must stop; check it often, or wait on it.
+        self.stopping = threading.Event()
+        #: The lease's fencing token for this holding period (None without an owner).
+        self.fencing_token = fencing_token
+        #: How many one_for_all restarts happened before this run (0 for the first).
+        self.restart_count = restart_count
+        self._clock = clock
+        self._guard = guard
+        self._key = key
+        self._wake = threading.Condition(threading.Lock())
+
+    def __repr__(self) -> str:
+        return (
+            f"WorkerContext(name={self.name!r}, fencing_token={self.fencing_token}, "
+            f"restart_count={self.restart_count}, stopping={self.stopping.is_set()})"
+        )
+
+    def sleep(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; return early with True as soon as ``stopping`` is set."""
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, (int, float))
+            or math.isnan(seconds)
+        ):
+            raise TypeError(f"seconds must be a number, got {seconds!r}")
+        if not isinstance(self._clock, WaitableClock):
+            return self.stopping.wait(max(0.0, float(seconds)))
+        end = self._clock() + max(0.0, float(seconds))
+        with self._wake:
+            while not self.stopping.is_set():
+                remaining = end - self._clock()
+                if remaining <= 0:
+                    break
+                wait_on(self._clock, self._wake, remaining)
+        return self.stopping.is_set()
+
+    def ensure_held(self) -> None:
+        """Raise ``LeaseLost`` if the worker must not act: stopping, or lease deadline passed.
+
+        A local check, no Redis call: cheap enough before every side effect. After a
+        process pause it is what stops a worker that wakes before the owner thread does.
+        """
+        if self.stopping.is_set():
+            raise LeaseLost(f"worker {self.name!r} is stopping")
+        if self._guard is not None:
+            deadline = self._guard.valid_until()
+            if deadline is not None and self._clock() >= deadline:
+                raise LeaseLost(
+                    f"worker {self.name!r}: the lease {self._key!r} passed its local deadline"
+                )
+
+    def _signal_stop(self) -> None:
+        self.stopping.set()
+        with self._wake:
+            self._wake.notify_all()
+
+
+@dataclass(frozen=True)
+class _Spec:
+    name: str
+    target: WorkerTarget
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+@dataclass
+class _Run:
+    """One run of one worker: its thread, its context, and how it ended."""
+
+    spec: _Spec
+    ctx: WorkerContext
+    thread: threading.Thread = field(init=False)
+    done: bool = False
+    error: Optional[BaseException] = None
+    stuck: bool = False
+
+
+@dataclass
+class _Exit:
+    run: _Run
+    expected: bool = field(default=False)
+
+
+def _non_negative(name: str, value: object, *, allow_inf: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    number = float(value)
+    if math.isnan(number) or number < 0 or (math.isinf(number) and not allow_inf):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return number
+
+
+class Supervisor:
+    """Starts, stops and restarts registered worker threads together (one_for_all)."""
+
+    def __init__(
+        self,
+        max_restarts: int = 3,
+        max_seconds: float = 5.0,
+        shutdown_timeout: float = 5.0,
+        restart_backoff: Optional[BackoffPolicy] = None,
+        *,
+        clock: Optional[Clock] = None,
+    ) -> None:
+        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int):
+            raise TypeError(f"max_restarts must be an int, got {type(max_restarts).__name__}")
+        if max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {max_restarts}")
+        self.max_restarts = max_restarts
+        self.max_seconds = _non_negative("max_seconds", max_seconds)
+        if self.max_seconds == 0:
+            raise ValueError("max_seconds must be a finite number > 0, got 0")
+        self.shutdown_timeout = _non_negative("shutdown_timeout", shutdown_timeout)
+        if restart_backoff is not None and not isinstance(restart_backoff, BackoffPolicy):
+            raise TypeError(
+                "restart_backoff must be a BackoffPolicy or None, got "
+                f"{type(restart_backoff).__name__}"
+            )
+        if clock is not None and not callable(clock):
+            raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
+        self.restart_backoff = restart_backoff
+        self._clock: Clock = clock if clock is not None else default_clock
+        self._clock_given = clock is not None
+        self._specs: list[_Spec] = []
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._runs: list[_Run] = []
+        self._exits: list[_Exit] = []
+        self._restart_times: list[float] = []
+        self._restarts = 0
+        self._failed = False
+        self._stop_requested = False
+        self._monitor: Optional[threading.Thread] = None
+        self._idle = threading.Event()
+        self._idle.set()
+        self._fencing_token: Optional[int] = None
+        self._guard: Optional[LeaseGuard] = None
+        self._key: Optional[str] = None
+        self._hook: Optional[Callable[[str, str], None]] = None
+        self._bound = False
+        self._last_stop_reason: Optional[str] = None
+        # True while the monitor thread is working (not waiting): lets test drivers with a
+        # fake clock wait for it before moving time on.
+        self._busy = False
+
+    # -- registration ---------------------------------------------------------------------
+
+    def add(
+        self,
+        target: WorkerTarget,
+        name: Optional[str] = None,
+        args: tuple[Any, ...] = (),
+        kwargs: Optional[dict[str, Any]] = None,
+    ) -> WorkerTarget:
+        """Register ``target(ctx, *args, **kwargs)`` as a worker; returns ``target``."""
+        if not callable(target):
+            raise TypeError(f"target must be callable, got {type(target).__name__}")
+        if name is None:
+            name = getattr(target, "__name__", None) or type(target).__name__
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        if not isinstance(args, tuple):
+            raise TypeError(f"args must be a tuple, got {type(args).__name__}")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise TypeError(f"kwargs must be a dict or None, got {type(kwargs).__name__}")
+        with self._lock:
+            if self._monitor is not None and self._monitor.is_alive():
+                raise RuntimeError("cannot add workers while the supervisor is running")
+            if any(spec.name == name for spec in self._specs):
+                raise ValueError(f"a worker named {name!r} is already registered")
+            self._specs.append(_Spec(name, target, args, dict(kwargs or {})))
+        return target
+
+    def worker(
+        self,
+        name: Optional[str] = None,
+        args: tuple[Any, ...] = (),
+        kwargs: Optional[dict[str, Any]] = None,
+    ) -> Callable[[F], F]:
+        """Decorator form of ``add``: ``@sup.worker(name="consumer")``."""
+
+        def register(target: F) -> F:
+            self.add(target, name=name, args=args, kwargs=kwargs)
+            return target
+
+        return register
+
+    @property
+    def worker_names(self) -> tuple[str, ...]:
+        """Registered worker names, in start order."""
+        with self._lock:
+            return tuple(spec.name for spec in self._specs)
+
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True from ``start()`` until every worker thread of the last run has exited."""
+        return not self._idle.is_set()
+
+    @property
+    def failed(self) -> bool:
+        """True when the supervisor gave up: too many restarts within ``max_seconds``."""
+        return self._failed
+
+    @property
+    def restarts(self) -> int:
+        """one_for_all restarts since the last ``start()``."""
+        return self._restarts
+
+    @property
+    def stuck_workers(self) -> tuple[str, ...]:
+        """Workers that ignored ``stopping`` past ``shutdown_timeout`` and are still alive."""
+        with self._lock:
+            return tuple(run.spec.name for run in self._runs if run.stuck and not run.done)
+
+    @property
+    def alive_workers(self) -> tuple[str, ...]:
+        """Names of worker threads of the current run that have not exited yet."""
+        with self._lock:
+            return tuple(run.spec.name for run in self._runs if not run.done)
+
+    @property
+    def last_stop_reason(self) -> Optional[str]:
+        """Why the last run ended: "stopped", "lease_deadline", "lease_lost" or "failed"."""
+        return self._last_stop_reason
+
+    def __repr__(self) -> str:
+        return (
+            f"Supervisor(workers={list(self.worker_names)}, running={self.running}, "
+            f"failed={self.failed}, restarts={self.restarts})"
+        )
+
+    # -- control --------------------------------------------------------------------------
+
+    def start(self, fencing_token: Optional[int] = None) -> None:
+        """Start every worker, in registration order, each in a thread ``mutexowner-<name>``."""
+        if fencing_token is not None and (
+            isinstance(fencing_token, bool) or not isinstance(fencing_token, int)
+        ):
+            raise TypeError(f"fencing_token must be an int or None, got {fencing_token!r}")
+        with self._lock:
+            if not self._specs:
+                raise RuntimeError("no workers registered; call add() or use @worker first")
+            if self.running:
+                raise RuntimeError("the supervisor is already running")
+            self._fencing_token = fencing_token
+            self._failed = False
+            self._restarts = 0
+            self._restart_times = []
+            self._exits = []
+            self._runs = []
+            self._stop_requested = False
+            self._last_stop_reason = None
+            self._idle.clear()
+            self._monitor = threading.Thread(
+                target=self._monitor_main, name="mutexowner-supervisor", daemon=True
+            )
+            self._start_run(restart_count=0)
+        self._monitor.start()
+
+    def stop(self, timeout: Optional[float] = None) -> bool:
+        """Stop all workers (reverse order); True when all have exited.
+
+        Waits up to ``timeout`` seconds (default: ``shutdown_timeout`` plus a margin).
+        Idempotent and safe from any thread; called from a worker it only asks and returns.
+        """
+        if timeout is not None:
+            _non_negative("timeout", timeout, allow_inf=True)
+        with self._cond:
+            self._stop_requested = True
+            self._cond.notify_all()
+            own_thread = any(run.thread is threading.current_thread() for run in self._runs)
+            monitor = self._monitor
+        if not self.running:
+            return True
+        if own_thread or (monitor is not None and monitor is threading.current_thread()):
+            return False
+        # Real seconds, whatever the clock: with a fake clock the shutdown budget passes only
+        # as the test advances it, so tests pass timeout=0 and step the clock instead.
+        self._idle.wait(self.shutdown_timeout + 1.0 if timeout is None else timeout)
+        done = not self.running
+        if done and monitor is not None and monitor is not threading.current_thread():
+            monitor.join()
+        return done
+
+    def wait_idle(self, timeout: Optional[float] = None) -> bool:
+        """Wait (real time) until no worker of this supervisor is running."""
+        return self._idle.wait(timeout)
+
+    # -- owner integration (internal) -----------------------------------------------------
+
+    def _bind(
+        self,
+        *,
+        clock: Clock,
+        guard: LeaseGuard,
+        key: str,
+        hook: Callable[[str, str], None],
+    ) -> None:
+        """Attach to one owner: its clock, its lease deadline, and a hook for what happens."""
+        with self._lock:
+            if self._bound:
+                raise ValueError("this Supervisor already belongs to another MutexOwner")
+            if self._clock_given and self._clock is not clock:
+                raise ValueError("the Supervisor's clock differs from the MutexOwner's clock")
+            self._clock = clock
+            self._guard = guard
+            self._key = key
+            self._hook = hook
+            self._bound = True
+
+    def _lease_changed(self) -> None:
+        """The owner's deadline moved: wake the monitor so it re-reads it."""
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _start_run(self, restart_count: int) -> None:
+        """Create and start one thread per worker (called with the lock held)."""
+        self._runs = []
+        for spec in self._specs:
+            ctx = WorkerContext(
+                spec.name,
+                fencing_token=self._fencing_token,
+                restart_count=restart_count,
+                clock=self._clock,
+                guard=self._guard,
+                key=self._key,
+            )
+            run = _Run(spec, ctx)
+            run.thread = threading.Thread(
+                target=self._worker_main, args=(run,), name=f"mutexowner-{spec.name}", daemon=True
+            )
+            self._runs.append(run)
+        for run in self._runs:
+            log.debug("starting worker %s (restart_count=%d)", run.spec.name, restart_count)
+            run.thread.start()
+
+    def _worker_main(self, run: _Run) -> None:
+        error: Optional[BaseException] = None
+        try:
+            run.spec.target(run.ctx, *run.spec.args, **run.spec.kwargs)
+        except LeaseLost as exc:
+            error = exc
+            if not run.ctx.stopping.is_set():
+                log.warning("worker %s: %s", run.spec.name, exc)
+        except BaseException as exc:  # never lose a worker's exception to threading.excepthook
+            error = exc
+            log.error("worker %s crashed", run.spec.name, exc_info=exc)
+        finally:
+            with self._cond:
+                run.done = True
+                run.error = error
+                self._exits.append(_Exit(run, expected=run.ctx.stopping.is_set()))
+                self._cond.notify_all()
+
+    def _wait(self, timeout: Optional[float]) -> None:
+        busy, self._busy = self._busy, False
+        try:
+            wait_on(self._clock, self._cond, timeout)
+        finally:
+            self._busy = busy
+
+    def _step_down_at(self) -> Optional[float]:
+        guard = self._guard
+        deadline = guard.valid_until() if guard is not None else None
+        return None if deadline is None else deadline - self.shutdown_timeout
+
+    def _next_event(self) -> str:
+        """Wait (lock held) until there is something to do; return what."""
+        while True:
+            if self._stop_requested:
+                return "stop"
+            step_down = self._step_down_at()
+            now = self._clock()
+            if step_down is not None and now >= step_down:
+                return "lease_deadline"
+            for exit_ in self._exits:
+                if not exit_.expected:
+                    return "lease_lost" if isinstance(exit_.run.error, LeaseLost) else "crash"
+            self._exits = [e for e in self._exits if not e.expected]
+            self._wait(None if step_down is None else step_down - now)
+
+    def _monitor_main(self) -> None:
+        reason = "stopped"
+        self._busy = True
+        try:
+            while True:
+                with self._cond:
+                    event = self._next_event()
+                if event == "crash":
+                    reason = self._restart_or_give_up()
+                    if reason:
+                        break
+                    continue
+                reason = event
+                if event == "stop":
+                    reason = "stopped"
+                else:
+                    log.warning(
+                        "stopping workers of key=%s: %s", self._key, event.replace("_", " ")
+                    )
+                self._shutdown()
+                break
+        except BaseException:  # a bug here must not leave workers running unsupervised
+            log.critical("supervisor monitor failed; stopping all workers", exc_info=True)
+            reason = "failed"
+            self._failed = True
+            self._shutdown()
+        finally:
+            self._notify("idle", reason)
+            with self._cond:
+                self._last_stop_reason = reason
+                self._busy = False
+                self._idle.set()
+                self._cond.notify_all()
+
+    def _restart_or_give_up(self) -> str:
+        """Handle a worker that ended on its own: restart all, or give up. '' means restarted."""
+        with self._cond:
+            crashed = [e.run.spec.name for e in self._exits if not e.expected]
+            now = self._clock()
+            self._restart_times = [t for t in self._restart_times if now - t < self.max_seconds]
+            self._restart_times.append(now)
+            too_many = len(self._restart_times) > self.max_restarts
+        log.warning(
+            "worker %s ended unexpectedly; %s all workers (one_for_all)",
+            ", ".join(crashed),
+            "stopping" if too_many else "restarting",
+        )
+        self._shutdown()
+        if too_many:
+            self._failed = True
+            log.error(
+                "giving up: more than %d restarts within %.3g s (key=%s)",
+                self.max_restarts,
+                self.max_seconds,
+                self._key,
+            )
+            self._notify("failed", ", ".join(crashed))
+            return "failed"
+        with self._cond:
+            if self.restart_backoff is not None:
+                pause_until = self._clock() + self.restart_backoff.delay(len(self._restart_times))
+                while not self._stop_requested and self._clock() < pause_until:
+                    self._wait(pause_until - self._clock())
+            if self._stop_requested:
+                return "stopped"
+            step_down = self._step_down_at()
+            if step_down is not None and self._clock() >= step_down:
+                return "lease_deadline"
+            self._restarts += 1
+            self._exits = []
+            self._start_run(restart_count=self._restarts)
+        self._notify("restarted", ", ".join(crashed))
+        return ""
+
+    def _shutdown(self) -> None:
+        """Signal every worker (reverse order) and wait for each (reverse order).
+
+        Workers share one budget, ``shutdown_timeout`` from the signal. Workers still alive
+        after it are reported as stuck; then we keep waiting for them, because starting new
+        copies (or letting the owner release the lease) while they run would be a second
+        runner.
+        """
+        with self._cond:
+            runs = list(self._runs)
+            for run in reversed(runs):
+                run.ctx._signal_stop()
+            budget_end = self._clock() + self.shutdown_timeout
+            for run in reversed(runs):
+                while not run.done and self._clock() < budget_end:
+                    self._wait(budget_end - self._clock())
+            stuck = [run for run in runs if not run.done]
+            for run in stuck:
+                run.stuck = True
+        for run in stuck:
+            log.critical(
+                "worker %s ignored stopping for %.3g s (shutdown_timeout) and is still "
+                "running (key=%s)",
+                run.spec.name,
+                self.shutdown_timeout,
+                self._key,
+            )
+        if stuck:
+            self._notify("stuck", ", ".join(run.spec.name for run in stuck))
+        with self._cond:
+            while not all(run.done for run in runs):
+                self._wait(None)
+            self._exits = [e for e in self._exits if e.run not in runs]
+        for run in runs:
+            run.thread.join()
+            if run.stuck:
+                log.warning("stuck worker %s has exited (key=%s)", run.spec.name, self._key)
+
+    def _notify(self, what: str, detail: str) -> None:
+        hook = self._hook
+        if hook is None:
+            return
+        try:
+            hook(what, detail)
+        except Exception:
+            log.exception("supervisor hook failed on %s", what)
