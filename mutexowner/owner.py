@@ -485,6 +485,31 @@ class MutexOwner:
                     wait_on(self._clock, self._cond, wait)
                 self._wake = False
 
+    def _crash(self) -> None:
+        """Simulate this process dying (tests, demo): threads end, nothing is released.
+
+        Workers are told to stop (a dead process runs no workers); the key stays in Redis
+        until its ttl runs out, exactly as after ``kill -9``.
+        """
+        with self._cond:
+            self._final = True
+            self._stop_requested = True
+            self._guard.until = -math.inf
+            self._next_attempt = None
+            self._model.state = m.STOPPED  # no transition: a dead process reports nothing
+            self._holding_period = False
+            self._done.set()
+            self._wake = True
+            self._cond.notify_all()
+        if self.supervisor is not None:
+            self.supervisor.stop(timeout=0)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        if self._listener is not None:
+            self._listener.stop()
+        self._events.stop()
+
     def _supervisor_threads(self) -> list[threading.Thread]:
         sup = self.supervisor
         if sup is None:
@@ -563,6 +588,8 @@ class MutexOwner:
     def _tick(self) -> Optional[float]:
         """Do what is due now; return seconds until something is due again (None: only events)."""
         with self._lock:
+            if self._final:
+                return None
             now = self._clock()
             state = self._fsm_state
             if state == m.STOPPED:
@@ -784,7 +811,8 @@ class MutexOwner:
             raise
         except Exception as exc:
             with self._lock:
-                self._on_error(classify_error(exc))
+                if not self._final:
+                    self._on_error(classify_error(exc))
             return
         t_recv = self._clock()
         with self._lock:
@@ -793,7 +821,7 @@ class MutexOwner:
     def _on_reply(
         self, result: LeaseResult, t_sent: float, t_recv: float, *, renewing: bool
     ) -> None:
-        if self._fsm_state == m.STOPPED:
+        if self._fsm_state == m.STOPPED or self._final:
             return
         if self._errors:
             log.info("key=%s Redis answering again after %d failed call(s)", self.key, self._errors)

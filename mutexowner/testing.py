@@ -25,7 +25,7 @@ from mutexowner.errors import OwnerStoppedError
 from mutexowner.lease import LeaseKeys
 from mutexowner.owner import MutexOwner
 
-__all__ = ["FakeClock", "OwnerDriver", "expire_lease", "fake_redis"]
+__all__ = ["FakeClock", "OwnerDriver", "crash", "expire_lease", "fake_redis"]
 
 #: Real seconds a fake-clock waiter blocks before re-checking (a liveness net, not timing).
 _REAL_POLL = 0.02
@@ -208,3 +208,9 @@ def fake_redis(**kwargs: Any) -> Any:
 def expire_lease(client: Any, name: str, prefix: str = "mutexowner") -> bool:
     """Make Redis forget the lease key now, as if its ttl had run out; True if it existed."""
     return bool(client.delete(LeaseKeys(name, prefix).lease))
+
+
+def crash(owner: MutexOwner) -> None:
+    """Simulate the owner's process dying (``kill -9``): its threads end, its workers are told
+    to stop, and nothing is released, so the key stays in Redis until its ttl runs out."""
+    owner._crash()

@@ -807,3 +807,25 @@ def test_wait_until_holding_times_out_while_another_holds() -> None:
     with owner:
         assert owner.wait_until_holding(0.2) is False
         assert owner.state == "acquiring"
+
+
+def test_crash_leaves_the_key_to_expire_and_a_standby_takes_over_after_ttl() -> None:
+    from mutexowner.testing import crash
+
+    client = fake_redis()
+    sup, worker = supervised()
+    a, da, rec_a = make_owner(client, identity="A", supervisor=sup)
+    da.step()
+    assert worker.started.wait(5)
+    crash(a)
+    assert worker.exited.wait(5)
+    assert a.state == "stopped" and not a.holding
+    assert lease_hash(client)[b"identity"] == b"A"  # not released
+    assert rec_a.lost == []  # a dead process reports nothing
+    b, db, _ = make_owner(client, identity="B", clock=da.clock)
+    db.step()
+    assert b.state == "acquiring"
+    expire_lease(client, "job")  # Redis expires the dead holder's key
+    db.advance(b.status().next_attempt_in or 0)
+    assert b.holding
+    db.stop()
