@@ -45,6 +45,8 @@ class ReleaseListener:
         self._rng = random.Random()
         self._stopping = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        #: Subscription failures so far (for status and tests).
+        self.failures_seen = 0
 
     def start(self) -> None:
         if self._thread is not None:
@@ -82,6 +84,7 @@ class ReleaseListener:
                         self._notice()
             except Exception as exc:  # Redis down or restarting: resubscribe after a pause
                 failures += 1
+                self.failures_seen += 1
                 if failures == 1:
                     log.debug("release notices interrupted on %s: %s", self._channel, exc)
                 self._stopping.wait(self._backoff.delay(failures, self._rng))
