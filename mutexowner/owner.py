@@ -609,19 +609,26 @@ class MutexOwner:
                 self._ensure_workers()
             if self._fsm_state in (m.SUSPENDED, m.DRAINING):
                 self._step_down_if_due(now)
+            release_token = None
             if self._fsm_state == m.DRAINING and not self._workers_alive():
-                self._release_after_drain()
-            if self._fsm_state == m.ACQUIRING and self._stop_requested:
+                release_token = self._token
+            elif self._fsm_state == m.ACQUIRING and self._stop_requested:
                 self._fire("stop", reason="stopped")
                 self._finish()
                 return None
-            call_due = (
+            call_due = release_token is None and (
                 self._next_attempt is not None
                 and self._clock() >= self._next_attempt
                 and self._fsm_state != m.STOPPED
                 and not (self._fsm_state == m.ACQUIRING and self._workers_alive())
             )
-        if call_due:
+        # Redis round trips happen without the lock: status() and stop() never wait on Redis.
+        if release_token is not None:
+            released = self._release(release_token)
+            with self._lock:
+                if self._fsm_state == m.DRAINING and not self._final:
+                    self._after_release(released)
+        elif call_due:
             self._call_redis()
         with self._lock:
             return self._seconds_until_due()
@@ -654,6 +661,7 @@ class MutexOwner:
         self._guard.until = -math.inf
         self._signal_workers_stop(now)
         self._lost_reason = reason
+        self._workers_failures = 0  # the workers were not the problem this time
         self._token = new_token()
         self._settle_until = None
         self._fire("lost", reason=reason)
@@ -731,22 +739,28 @@ class MutexOwner:
             logging.shutdown()
             os._exit(STUCK_EXIT_STATUS)
 
-    def _release_after_drain(self) -> None:
-        """Workers have all exited: release the lease, then stop or contend again."""
-        token = self._token
-        if token is not None:
-            try:
-                released = self._lease.release(token)
-                if released:
-                    self._emit("released")
-            except Exception as exc:
-                error = classify_error(exc)
-                log.warning(
-                    "key=%s could not release the lease (%s); it expires within %.3g s",
-                    self.key,
-                    redact_text(str(error)),
-                    max(0.0, self._deadline - self._clock()),
-                )
+    def _release(self, token: Optional[str]) -> bool:
+        """Release the key (one bounded round trip); a failure only means it expires by itself."""
+        if token is None:
+            return False
+        try:
+            return self._lease.release(token)
+        except ForkedOwnerError:
+            raise
+        except Exception as exc:
+            error = classify_error(exc)
+            log.warning(
+                "key=%s could not release the lease (%s); it expires within %.3g s",
+                self.key,
+                redact_text(str(error)),
+                max(0.0, self._deadline - self._clock()),
+            )
+            return False
+
+    def _after_release(self, released: bool) -> None:
+        """Workers have all exited and the key is released: stop, or contend again later."""
+        if released:
+            self._emit("released")
         self._guard.until = -math.inf
         self._token = new_token()
         reason = self._give_up_reason or "stopped"
