@@ -613,9 +613,12 @@ class MutexOwner:
             if self._fsm_state == m.DRAINING and not self._workers_alive():
                 release_token = self._token
             elif self._fsm_state == m.ACQUIRING and self._stop_requested:
-                self._fire("stop", reason="stopped")
-                self._finish()
-                return None
+                # Workers still running without a lease: wait for them, or for the
+                # stuck-worker policy to have been applied, before ending for good.
+                if not self._workers_alive() or self._stuck_reported:
+                    self._fire("stop", reason="stopped")
+                    self._finish()
+                    return None
             call_due = release_token is None and (
                 self._next_attempt is not None
                 and self._clock() >= self._next_attempt
@@ -665,7 +668,7 @@ class MutexOwner:
         self._token = new_token()
         self._settle_until = None
         self._fire("lost", reason=reason)
-        if self._stop_requested:
+        if self._stop_requested and not self._workers_alive():
             self._fire("stop", reason="stopped")
             self._finish()
 
