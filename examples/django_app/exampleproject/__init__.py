@@ -1,0 +1,1 @@
+"""A minimal Django project that runs a singleton worker with mutexowner."""

@@ -1,0 +1,390 @@
+"""Settings shared by the Django and Flask integrations: read, validate, build an owner.
+
+Both frameworks describe an owner with the same keys (``REDIS_URL``, ``KEY``, ``TTL``, …);
+only how a key is spelled in messages differs (``MUTEXOWNER["TTL"]`` in Django,
+``MUTEXOWNER_TTL`` in Flask). Validation happens once, at start-up, with messages that name
+the setting and its allowed values, and never show a Redis password.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+import redis
+
+from mutexowner.connection import client_from, describe_client, redact_text, redact_url
+from mutexowner.errors import MutexOwnerError
+from mutexowner.lease import validate_name
+from mutexowner.owner import OUTAGE_MODES, STUCK_POLICIES, MutexOwner, StuckPolicy, drift_for
+from mutexowner.supervisor import Supervisor
+
+__all__ = [
+    "DEFAULT_SHUTDOWN_TIMEOUT",
+    "KEYS",
+    "ConfigurationError",
+    "OwnerSettings",
+    "import_string",
+    "parse_settings",
+]
+
+#: Canonical setting names (each framework spells them its own way in messages).
+KEYS = (
+    "REDIS_URL",
+    "KEY",
+    "TTL",
+    "RENEW_INTERVAL",
+    "IDENTITY",
+    "WORKERS",
+    "MAX_RESTARTS",
+    "MAX_SECONDS",
+    "SHUTDOWN_TIMEOUT",
+    "OUTAGE",
+    "STUCK_WORKER_POLICY",
+    "AUTOSTART",
+    "PREFIX",
+    "PROMETHEUS",
+)
+#: The supervisor's shutdown budget when none is configured and it fits the timing rule.
+DEFAULT_SHUTDOWN_TIMEOUT = 5.0
+
+WorkerTarget = Callable[..., Any]
+Namer = Callable[[str], str]
+#: Wraps each configured worker (Django closes DB connections, Flask pushes an app context).
+WorkerWrapper = Callable[[WorkerTarget], WorkerTarget]
+
+
+class ConfigurationError(MutexOwnerError, ValueError):
+    """An integration setting is missing or invalid; the message names it and what is allowed."""
+
+
+def import_string(path: str) -> Any:
+    """Import ``"package.module.attribute"`` (or ``"package.module:attribute"``)."""
+    if not isinstance(path, str) or not path.strip():
+        raise ImportError(f"not a dotted path: {path!r}")
+    module_path, sep, attribute = path.partition(":")
+    if not sep:
+        module_path, _, attribute = path.rpartition(".")
+    if not module_path or not attribute:
+        raise ImportError(f"{path!r} is not a dotted path like 'package.module.attribute'")
+    module = importlib.import_module(module_path)
+    try:
+        obj = module
+        for part in attribute.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        raise ImportError(f"module {module_path!r} has no attribute {attribute!r}") from None
+    return obj
+
+
+@dataclass(frozen=True)
+class OwnerSettings:
+    """Validated settings of one owner, as read from Django settings or Flask config."""
+
+    redis: Union[str, redis.Redis]
+    key: str
+    ttl: float = 10.0
+    renew_interval: Optional[float] = None
+    identity: Optional[str] = None
+    #: (name, callable) pairs, in start order; names are the dotted paths.
+    workers: tuple[tuple[str, WorkerTarget], ...] = ()
+    max_restarts: int = 3
+    max_seconds: float = 5.0
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    outage: str = "step_down"
+    stuck_worker_policy: StuckPolicy = "exit"
+    autostart: bool = False
+    prefix: str = "mutexowner"
+    prometheus: bool = False
+    #: The renew interval the owner will use (``renew_interval`` or ttl/3).
+    effective_renew_interval: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        renew = self.ttl / 3 if self.renew_interval is None else self.renew_interval
+        object.__setattr__(self, "effective_renew_interval", renew)
+
+    @property
+    def redis_description(self) -> str:
+        """Where the owner connects, password hidden."""
+        if isinstance(self.redis, str):
+            return redact_url(self.redis)
+        return describe_client(self.redis)
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as plain data, safe to print (no password)."""
+        return {
+            "redis": self.redis_description,
+            "key": self.key,
+            "ttl": self.ttl,
+            "renew_interval": self.effective_renew_interval,
+            "identity": self.identity,
+            "workers": [name for name, _ in self.workers],
+            "max_restarts": self.max_restarts,
+            "max_seconds": self.max_seconds,
+            "shutdown_timeout": self.shutdown_timeout,
+            "outage": self.outage,
+            "stuck_worker_policy": (
+                self.stuck_worker_policy
+                if isinstance(self.stuck_worker_policy, str)
+                else _callable_name(self.stuck_worker_policy)
+            ),
+            "autostart": self.autostart,
+            "prefix": self.prefix,
+            "prometheus": self.prometheus,
+        }
+
+    def build_supervisor(self, wrap: Optional[WorkerWrapper] = None) -> Optional[Supervisor]:
+        """A fresh supervisor with the configured workers (None when there are none)."""
+        if not self.workers:
+            return None
+        sup = Supervisor(
+            max_restarts=self.max_restarts,
+            max_seconds=self.max_seconds,
+            shutdown_timeout=self.shutdown_timeout,
+        )
+        for name, target in self.workers:
+            sup.add(wrap(target) if wrap is not None else target, name=name)
+        return sup
+
+    def build_owner(
+        self,
+        *,
+        supervisor: Optional[Supervisor] = None,
+        wrap: Optional[WorkerWrapper] = None,
+    ) -> MutexOwner:
+        """A new, not yet started ``MutexOwner`` (and supervisor) from these settings.
+
+        ``supervisor`` replaces the configured workers; ``wrap`` wraps each configured one.
+        """
+        if supervisor is None:
+            supervisor = self.build_supervisor(wrap)
+        owner = MutexOwner(
+            self.redis,
+            self.key,
+            ttl=self.ttl,
+            renew_interval=self.renew_interval,
+            supervisor=supervisor,
+            identity=self.identity,
+            outage=self.outage,
+            stuck_worker_policy=self.stuck_worker_policy,
+            prefix=self.prefix,
+        )
+        if self.prometheus:
+            from mutexowner.contrib.prometheus import instrument
+
+            instrument(owner)
+        return owner
+
+
+def _callable_name(obj: object) -> str:
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+    return f"{module}.{qualname}" if module else str(qualname)
+
+
+def _is_number(value: object) -> bool:
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(float(value))
+    )
+
+
+class _Reader:
+    """Validates one settings mapping, raising ``error(message)`` on the first problem."""
+
+    def __init__(
+        self, values: Mapping[str, Any], name: Namer, error: Callable[[str], Exception]
+    ) -> None:
+        unknown = sorted(set(values) - set(KEYS))
+        if unknown:  # a programming error in the framework adapter, not a user error
+            raise ValueError(f"unknown canonical setting(s): {unknown}")
+        self.values = values
+        self.name = name
+        self.error = error
+
+    def fail(self, message: str) -> Exception:
+        return self.error(message)
+
+    def seconds(
+        self, key: str, default: Optional[float], *, allow_zero: bool = False
+    ) -> Optional[float]:
+        value = self.values.get(key)
+        if value is None:
+            return default
+        bound = ">= 0" if allow_zero else "> 0"
+        if not _is_number(value) or float(value) < 0 or (float(value) == 0 and not allow_zero):
+            raise self.fail(
+                f"{self.name(key)} must be a finite number of seconds {bound}, got {value!r}"
+            )
+        return float(value)
+
+    def redis(self) -> Union[str, redis.Redis]:
+        key = "REDIS_URL"
+        value = self.values.get(key)
+        allowed = "a redis://, rediss:// or unix:// URL (or a redis.Redis client)"
+        if value is None or value == "":
+            raise self.fail(f"{self.name(key)} is required: {allowed}")
+        if isinstance(value, redis.Redis):
+            return value
+        if not isinstance(value, str):
+            raise self.fail(f"{self.name(key)} must be {allowed}, got {type(value).__name__}")
+        try:
+            client_from(value, parameter=self.name(key))
+        except (TypeError, ValueError) as exc:
+            # Our own message repeats the URL; redis-py's parse errors explain the problem.
+            detail = "" if str(exc).startswith(self.name(key)) else f": {redact_text(str(exc))}"
+            raise self.fail(
+                f"{self.name(key)} must be {allowed}, got {redact_url(value)!r}{detail}"
+            ) from None
+        return value
+
+    def lease_name(self, key: str, default: Optional[str]) -> str:
+        value = self.values.get(key, default)
+        if value is None or value == "":
+            raise self.fail(f"{self.name(key)} is required: the lease name, e.g. 'myapp:scheduler'")
+        try:
+            return validate_name(value, self.name(key))
+        except (TypeError, ValueError) as exc:
+            raise self.fail(str(exc)) from None
+
+    def identity(self) -> Optional[str]:
+        key = "IDENTITY"
+        value = self.values.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.strip() or "\n" in value:
+            raise self.fail(
+                f"{self.name(key)} must be a non-empty single-line string (default: "
+                f"hostname:pid:random, different in every process), got {value!r}"
+            )
+        return value
+
+    def workers(self) -> tuple[tuple[str, WorkerTarget], ...]:
+        key = "WORKERS"
+        value = self.values.get(key)
+        if value is None:
+            return ()
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise self.fail(
+                f"{self.name(key)} must be a list of dotted paths (or callables) of workers "
+                f"taking a WorkerContext, got {value!r}"
+            )
+        workers: list[tuple[str, WorkerTarget]] = []
+        for index, item in enumerate(value):
+            if isinstance(item, str):
+                try:
+                    target = import_string(item)
+                except ImportError as exc:
+                    raise self.fail(
+                        f"{self.name(key)}[{index}] = {item!r} cannot be imported: {exc}"
+                    ) from exc
+                name = item
+            else:
+                target = item
+                name = _callable_name(item)
+            if not callable(target):
+                raise self.fail(
+                    f"{self.name(key)}[{index}] must be a dotted path to a callable taking a "
+                    f"WorkerContext (or the callable), got {item!r}"
+                )
+            if any(existing == name for existing, _ in workers):
+                raise self.fail(f"{self.name(key)} lists {name!r} twice")
+            workers.append((name, target))
+        return tuple(workers)
+
+    def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = self.values.get(key, default)
+        if value not in allowed:
+            raise self.fail(
+                f"{self.name(key)} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+            )
+        return str(value)
+
+    def stuck_policy(self) -> StuckPolicy:
+        key = "STUCK_WORKER_POLICY"
+        value = self.values.get(key, "exit")
+        allowed = f"{', '.join(map(repr, STUCK_POLICIES))}, a callable or a dotted path to one"
+        if value in STUCK_POLICIES or (callable(value) and not isinstance(value, str)):
+            return value  # type: ignore[no-any-return]
+        if isinstance(value, str) and "." in value:
+            try:
+                target = import_string(value)
+            except ImportError as exc:
+                raise self.fail(f"{self.name(key)} = {value!r} cannot be imported: {exc}") from exc
+            if callable(target):
+                return target  # type: ignore[no-any-return]
+        raise self.fail(f"{self.name(key)} must be {allowed}, got {value!r}")
+
+    def flag(self, key: str) -> bool:
+        value = self.values.get(key, False)
+        if not isinstance(value, bool):
+            raise self.fail(f"{self.name(key)} must be True or False, got {value!r}")
+        return value
+
+    def integer(self, key: str, default: int) -> int:
+        value = self.values.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise self.fail(f"{self.name(key)} must be an int >= 0, got {value!r}")
+        return value
+
+
+def parse_settings(
+    values: Mapping[str, Any],
+    *,
+    name: Namer,
+    error: Callable[[str], Exception] = ConfigurationError,
+) -> OwnerSettings:
+    """Validate ``values`` (canonical keys, see ``KEYS``) into ``OwnerSettings``.
+
+    ``name(key)`` spells a setting the way the user wrote it; ``error(message)`` makes the
+    exception raised (``ImproperlyConfigured`` for Django).
+    """
+    r = _Reader(values, name, error)
+    redis_value = r.redis()
+    key = r.lease_name("KEY", None)
+    ttl = r.seconds("TTL", 10.0)
+    assert ttl is not None
+    renew = r.seconds("RENEW_INTERVAL", None)
+    if renew is not None and not renew < ttl:
+        raise r.fail(
+            f"{name('RENEW_INTERVAL')} must be > 0 and < {name('TTL')} ({ttl:g}), got {renew!r}"
+        )
+    effective_renew = ttl / 3 if renew is None else renew
+    workers = r.workers()
+    slack = ttl - drift_for(ttl) - effective_renew
+    shutdown = r.seconds("SHUTDOWN_TIMEOUT", None, allow_zero=True)
+    if shutdown is None:
+        # The library's default when it fits the timing rule; otherwise half the time
+        # between the first renewal and the lease deadline (small TTLs in tests and demos).
+        shutdown = (
+            DEFAULT_SHUTDOWN_TIMEOUT if slack > DEFAULT_SHUTDOWN_TIMEOUT else round(slack / 2, 3)
+        )
+    if workers and not shutdown < slack:
+        raise r.fail(
+            f"{name('RENEW_INTERVAL')} ({effective_renew:g}) + {name('SHUTDOWN_TIMEOUT')} "
+            f"({shutdown:g}) must be < {name('TTL')} - drift ({ttl - drift_for(ttl):g}): "
+            f"workers are told to stop SHUTDOWN_TIMEOUT before the lease deadline, which must "
+            f"come after the first renewal. Lower SHUTDOWN_TIMEOUT or RENEW_INTERVAL, or raise TTL."
+        )
+    max_seconds = r.seconds("MAX_SECONDS", 5.0)
+    assert max_seconds is not None
+    return OwnerSettings(
+        redis=redis_value,
+        key=key,
+        ttl=ttl,
+        renew_interval=renew,
+        identity=r.identity(),
+        workers=workers,
+        max_restarts=r.integer("MAX_RESTARTS", 3),
+        max_seconds=max_seconds,
+        shutdown_timeout=shutdown,
+        outage=r.choice("OUTAGE", "step_down", OUTAGE_MODES),
+        stuck_worker_policy=r.stuck_policy(),
+        autostart=r.flag("AUTOSTART"),
+        prefix=r.lease_name("PREFIX", "mutexowner"),
+        prometheus=r.flag("PROMETHEUS"),
+    )

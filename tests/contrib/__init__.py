@@ -1,0 +1,1 @@
+"""Tests of mutexowner.contrib: Django, Flask, Prometheus, and what they share."""
