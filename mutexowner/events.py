@@ -27,6 +27,7 @@ KINDS = (
     "error",  # a Redis call failed; error and error_kind set
     "workers_restarted",  # the supervisor restarted all workers (one_for_all)
     "workers_stuck",  # a worker ignored stopping past shutdown_timeout
+    "stuck_policy",  # the lease was lost while a worker still ran: stuck_worker_policy applied
     "released",  # the lease was released in Redis
 )
 

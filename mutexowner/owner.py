@@ -612,13 +612,16 @@ class MutexOwner:
             release_token = None
             if self._fsm_state == m.DRAINING and not self._workers_alive():
                 release_token = self._token
-            elif self._fsm_state == m.ACQUIRING and self._stop_requested:
+            elif (
+                self._fsm_state == m.ACQUIRING
+                and self._stop_requested
                 # Workers still running without a lease: wait for them, or for the
                 # stuck-worker policy to have been applied, before ending for good.
-                if not self._workers_alive() or self._stuck_reported:
-                    self._fire("stop", reason="stopped")
-                    self._finish()
-                    return None
+                and (not self._workers_alive() or self._stuck_reported)
+            ):
+                self._fire("stop", reason="stopped")
+                self._finish()
+                return None
             call_due = release_token is None and (
                 self._next_attempt is not None
                 and self._clock() >= self._next_attempt
@@ -731,7 +734,7 @@ class MutexOwner:
             ", ".join(stuck),
             self.stuck_worker_policy if isinstance(self.stuck_worker_policy, str) else "callable",
         )
-        self._emit("workers_stuck", detail=", ".join(stuck), reason="lease_lost")
+        self._emit("stuck_policy", detail=", ".join(stuck), reason="lease_lost")
         policy = self.stuck_worker_policy
         if callable(policy):
             try:
@@ -896,8 +899,8 @@ class MutexOwner:
             self._settle_until = t_recv + result.lock_delay + self.drift
             self._guard.until = -math.inf
             log.warning(
-                "key=%s Redis lost its lease state; waiting %.3f s (lock-delay) before "
-                "starting workers",
+                "key=%s no lease state in Redis from before (a fresh or restarted server, or "
+                "data loss): waiting %.3f s (lock-delay) before starting workers",
                 self.key,
                 result.lock_delay,
             )

@@ -25,7 +25,7 @@ from mutexowner.errors import OwnerStoppedError
 from mutexowner.lease import LeaseKeys
 from mutexowner.owner import MutexOwner
 
-__all__ = ["FakeClock", "OwnerDriver", "crash", "expire_lease", "fake_redis"]
+__all__ = ["FakeClock", "OwnerDriver", "crash", "expire_lease", "fake_redis", "mark_epoch"]
 
 #: Real seconds a fake-clock waiter blocks before re-checking (a liveness net, not timing).
 _REAL_POLL = 0.02
@@ -214,3 +214,14 @@ def crash(owner: MutexOwner) -> None:
     """Simulate the owner's process dying (``kill -9``): its threads end, its workers are told
     to stop, and nothing is released, so the key stays in Redis until its ttl runs out."""
     owner._crash()
+
+
+def mark_epoch(client: Any, name: str, prefix: str = "mutexowner") -> None:
+    """Make Redis look as if it had kept the lease's state for long: no lock-delay on acquire.
+
+    A fake server's lock-delay runs on its own (real) clock, not on a ``FakeClock``; tests
+    that are not about data loss call this first instead of waiting it out.
+    """
+    client.hset(
+        LeaseKeys(name, prefix).epoch, mapping={"id": "marked", "run_id": "", "quiet_until": "0"}
+    )

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import pytest
 import redis
 
-from mutexowner import machine
+from mutexowner import machine, testing
 from mutexowner.backoff import BackoffPolicy
 from mutexowner.errors import ForkedOwnerError, OwnerStoppedError
 from mutexowner.events import Event
@@ -46,9 +46,7 @@ class Recorder:
 
 
 def mark_epoch(client: Any, name: str = "job") -> None:
-    """Make Redis look as if it has held our state for long: no lock-delay on acquire."""
-    keys = LeaseKeys(name)
-    client.hset(keys.epoch, mapping={"id": "seeded", "run_id": "", "quiet_until": "0"})
+    testing.mark_epoch(client, name)
 
 
 def make_owner(
