@@ -1,7 +1,7 @@
 """The Redis side of the lease: Lua scripts, plain result objects, and error classification.
 
 A ``Lease`` knows nothing of threads or time; it turns one Redis round trip into one of
-``Acquired``, ``Renewed``, ``Retaken`` or ``Taken``, or raises a ``LeaseError`` whose
+``Acquired``, ``Renewed``, ``Retaken``, ``Taken`` or ``Quiet``, or raises a ``LeaseError`` whose
 ``transient`` flag tells the owner whether to retry with backoff (connection trouble,
 LOADING, READONLY, failover) or to report and slow down (auth, ACL, wrong key type).
 This module is the only place Redis exceptions are classified.
@@ -27,6 +27,7 @@ __all__ = [
     "LeaseInfo",
     "LeaseKeys",
     "LeaseResult",
+    "Quiet",
     "Renewed",
     "Retaken",
     "Taken",
@@ -86,6 +87,17 @@ class Retaken:
 
 
 @dataclass(frozen=True)
+class Quiet:
+    """The key is free, but Redis lost its state recently: nobody new may take it yet.
+
+    Leases granted before the loss may still be running on their holders' clocks for up to
+    ``lock_delay`` seconds; only such a holder may re-take the key meanwhile (``renew``).
+    """
+
+    lock_delay: float
+
+
+@dataclass(frozen=True)
 class Taken:
     """Another token holds the key; it expires in ``ttl_left`` seconds unless renewed."""
 
@@ -94,7 +106,7 @@ class Taken:
     fencing_token: Optional[int]
 
 
-LeaseResult = Union[Acquired, Renewed, Retaken, Taken]
+LeaseResult = Union[Acquired, Renewed, Retaken, Taken, Quiet]
 
 
 @dataclass(frozen=True)
@@ -331,6 +343,8 @@ class Lease:
                     ttl_left=max(0.0, ttl_left),
                     fencing_token=_int_or_none(reply[3]),
                 )
+            if status == "quiet":
+                return Quiet(lock_delay=int(reply[2]) / 1000.0)
             fence = _fence(reply[1])
             lock_delay = int(reply[2]) / 1000.0
         except (IndexError, TypeError, ValueError) as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import threading
 from typing import Callable, Optional
 
@@ -21,8 +22,9 @@ __all__ = ["ReleaseListener"]
 
 log = logging.getLogger("mutexowner.notify")
 
-#: How often the subscription thread looks at its stop flag while no message arrives.
-POLL_SECONDS = 0.1
+#: How often the subscription thread looks at its stop flag while no message arrives; stop()
+#: wakes it sooner with a message on a private channel whenever Redis is reachable.
+POLL_SECONDS = 1.0
 
 
 class ReleaseListener:
@@ -43,6 +45,8 @@ class ReleaseListener:
         self._name = name
         self._backoff = backoff
         self._rng = random.Random()
+        self._wake_channel = f"{channel}:wake:{secrets.token_hex(8)}"
+        self._subscribed = False
         self._stopping = threading.Event()
         self._thread: Optional[threading.Thread] = None
         #: Subscription failures so far (for status and tests).
@@ -62,6 +66,11 @@ class ReleaseListener:
         thread = self._thread
         if thread is None or thread is threading.current_thread():
             return thread is None
+        if self._subscribed:
+            try:  # wake the subscription now rather than at its next poll
+                self._client.publish(self._wake_channel, "stop")
+            except Exception:
+                log.debug("could not wake the release listener; it stops at its next poll")
         thread.join(timeout)
         return not thread.is_alive()
 
@@ -73,16 +82,23 @@ class ReleaseListener:
                 pubsub = self._client.pubsub(  # type: ignore[no-untyped-call]
                     ignore_subscribe_messages=True
                 )
-                pubsub.subscribe(self._channel)
+                pubsub.subscribe(self._channel, self._wake_channel)
+                self._subscribed = True
                 if failures:
                     log.debug("release notices resumed on %s", self._channel)
-                    self._notice()  # a release may have happened while we were cut off
+                # A release may have happened before we were subscribed, or while cut off.
+                self._notice()
                 failures = 0
                 while not self._stopping.is_set():
                     message = pubsub.get_message(timeout=POLL_SECONDS)
                     if message is not None and message.get("type") == "message":
-                        self._notice()
+                        channel = message.get("channel")
+                        if isinstance(channel, bytes):
+                            channel = channel.decode("utf-8", "replace")
+                        if channel == self._channel:
+                            self._notice()
             except Exception as exc:  # Redis down or restarting: resubscribe after a pause
+                self._subscribed = False
                 failures += 1
                 self.failures_seen += 1
                 if failures == 1:

@@ -43,6 +43,7 @@ from mutexowner.lease import (
     Acquired,
     Lease,
     LeaseResult,
+    Quiet,
     Renewed,
     Retaken,
     Taken,
@@ -169,6 +170,7 @@ class MutexOwner:
         call_timeout: Optional[float] = None,
         stuck_worker_policy: StuckPolicy = "exit",
         prefix: str = "mutexowner",
+        rng: Optional[random.Random] = None,
     ) -> None:
         self.key = validate_name(name, "name")
         validate_name(prefix, "prefix")
@@ -253,7 +255,10 @@ class MutexOwner:
             after_state_change=self._on_state_change,
             machine_context=[self._lock],  # type: ignore[list-item]
         )
-        self._rng = random.Random()
+        if rng is not None and not isinstance(rng, random.Random):
+            raise TypeError(f"rng must be a random.Random or None, got {type(rng).__name__}")
+        # Jitter of retry delays; pass a seeded Random for reproducible runs (tests, demo).
+        self._rng = rng if rng is not None else random.Random()
         self._events = EventDispatcher(self.key)
         if on_acquired is not None:
             self._events.add(_CallbackListener("acquired", on_acquired))
@@ -271,6 +276,7 @@ class MutexOwner:
         self._fence: Optional[int] = None
         self._deadline = -math.inf
         self._settle_until: Optional[float] = None
+        self._quiet_until: Optional[float] = None  # a standby's view of Redis' quiet period
         self._next_attempt: Optional[float] = None
         self._errors = 0
         self._fatal = False
@@ -428,11 +434,7 @@ class MutexOwner:
                     if self._next_attempt is not None and self._fsm_state != m.STOPPED
                     else None
                 ),
-                lock_delay_remaining=(
-                    max(0.0, self._settle_until - now)
-                    if self._fsm_state == m.SETTLING and self._settle_until is not None
-                    else None
-                ),
+                lock_delay_remaining=self._lock_delay_remaining(now),
                 workers_running=bool(sup is not None and sup.alive_workers),
                 stuck_workers=sup.stuck_workers if sup is not None else (),
                 outage=self.outage,
@@ -579,6 +581,15 @@ class MutexOwner:
                 **fields,
             )
         )
+
+    def _lock_delay_remaining(self, now: float) -> Optional[float]:
+        """Seconds before workers may start anywhere because Redis lost its state, if known."""
+        state = self._fsm_state
+        if state == m.SETTLING and self._settle_until is not None:
+            return max(0.0, self._settle_until - now)
+        if state == m.ACQUIRING and self._quiet_until is not None and now < self._quiet_until:
+            return self._quiet_until - now
+        return None
 
     def _holding_now(self, now: float) -> bool:
         if not self._holding_period or self._fsm_state not in m.WORKER_STATES:
@@ -836,10 +847,10 @@ class MutexOwner:
             return
         t_recv = self._clock()
         with self._lock:
-            self._on_reply(result, t_sent, t_recv, renewing=fence is not None)
+            self._on_reply(result, token, t_sent, t_recv, renewing=fence is not None)
 
     def _on_reply(
-        self, result: LeaseResult, t_sent: float, t_recv: float, *, renewing: bool
+        self, result: LeaseResult, token: str, t_sent: float, t_recv: float, *, renewing: bool
     ) -> None:
         if self._fsm_state == m.STOPPED or self._final:
             return
@@ -848,6 +859,7 @@ class MutexOwner:
         self._errors = 0
         self._fatal = False
         self._last_error = None
+        self._quiet_until = None
         if (
             renewing
             and self._fsm_state in m.LEASE_STATES
@@ -860,7 +872,15 @@ class MutexOwner:
         if isinstance(result, Taken):
             self._on_taken(result, t_recv)
             return
+        if isinstance(result, Quiet):
+            # Free, but Redis lost its state less than a ttl ago: a holder from before may
+            # still be running. Look again when the quiet period ends.
+            self._quiet_until = t_recv + result.lock_delay
+            self._next_attempt = self._quiet_until + 0.001
+            return
         if self._fsm_state == m.ACQUIRING:
+            # The key holds the token of this call (a late renewal reply included).
+            self._token = token
             self._on_acquired(result, t_sent, t_recv)
             return
         # Renewal of a lease we hold.
@@ -887,6 +907,11 @@ class MutexOwner:
 
     def _on_acquired(self, result: LeaseResult, t_sent: float, t_recv: float) -> None:
         assert isinstance(result, (Acquired, Renewed, Retaken))
+        if t_recv >= t_sent + self.ttl - self.drift:
+            # The reply took longer than the lease itself: it confirms nothing. The key holds
+            # our token, so the next attempt (now) renews it idempotently if it still can.
+            self._next_attempt = t_recv
+            return
         self._fence = result.fencing_token
         self._deadline = t_sent + self.ttl - self.drift
         self._next_attempt = t_sent + self.renew_interval

@@ -5,9 +5,9 @@ Use them to test your own workers deterministically::
     from mutexowner.testing import FakeClock, OwnerDriver, fake_redis
 
     clock = FakeClock()
-    owner = MutexOwner(fake_redis(), "job", ttl=10, clock=clock, supervisor=sup)
+    owner = MutexOwner(fake_redis("job"), "job", ttl=10, clock=clock, supervisor=sup)
     driver = OwnerDriver(owner, clock)
-    driver.run_until(lambda: owner.holding)      # steps through any lock-delay in fake time
+    driver.run_until(lambda: owner.holding)
     ...
     driver.stop()
 
@@ -197,12 +197,21 @@ class OwnerDriver:
             return bool(woken)
 
 
-def fake_redis(**kwargs: Any) -> Any:
-    """A fakeredis client with Lua on a fresh private server (needs ``fakeredis[lua]``)."""
+def fake_redis(*marked: str, **kwargs: Any) -> Any:
+    """A fakeredis client with Lua on a fresh private server (needs ``fakeredis[lua]``).
+
+    A fresh server looks like one that just lost its data, so the first acquisition of a
+    lease waits one ttl, measured on the server's own clock: real seconds, which a
+    ``FakeClock`` does not move. Name leases in ``marked`` (see ``mark_epoch``) to start as
+    if the server had kept its state for long.
+    """
     import fakeredis
 
     kwargs.setdefault("server", fakeredis.FakeServer())
-    return fakeredis.FakeRedis(**kwargs)
+    client = fakeredis.FakeRedis(**kwargs)
+    for name in marked:
+        mark_epoch(client, name)
+    return client
 
 
 def expire_lease(client: Any, name: str, prefix: str = "mutexowner") -> bool:

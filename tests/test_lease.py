@@ -16,6 +16,7 @@ from mutexowner.lease import (
     Acquired,
     Lease,
     LeaseKeys,
+    Quiet,
     Renewed,
     Retaken,
     Taken,
@@ -23,7 +24,14 @@ from mutexowner.lease import (
     new_token,
     validate_name,
 )
-from mutexowner.testing import fake_redis
+from mutexowner.testing import fake_redis, mark_epoch
+
+
+def fresh() -> Any:
+    """A fake Redis that has kept its state for long (no quiet period)."""
+    client = fake_redis()
+    mark_epoch(client, "job")
+    return client
 
 
 def lease(client: Any, identity: str = "A", ttl: float = 10.0, name: str = "job") -> Lease:
@@ -37,17 +45,23 @@ def test_tokens_are_fresh_and_128_bits() -> None:
     assert all(len(t) == 32 and int(t, 16) >= 0 for t in tokens)
 
 
-def test_first_acquire_on_an_empty_redis_reports_a_full_quiet_period() -> None:
+def test_an_empty_redis_opens_a_quiet_period_in_which_no_newcomer_takes_the_key() -> None:
     client = fake_redis()
     result = lease(client).acquire(new_token())
-    assert isinstance(result, Acquired)
+    assert isinstance(result, Quiet)
     assert result.lock_delay == pytest.approx(10.0, abs=0.05)
+    assert not client.exists(LeaseKeys("job").lease)
     epoch = client.hgetall(LeaseKeys("job").epoch)
     assert epoch[b"id"] and int(epoch[b"quiet_until"]) > 0
+    # Shared: a second newcomer is told the same (shrinking) period, not a new one.
+    again = lease(client, "B").acquire(new_token())
+    assert isinstance(again, Quiet) and again.lock_delay <= result.lock_delay
+    client.hset(LeaseKeys("job").epoch, "quiet_until", "0")  # the period has passed
+    assert isinstance(lease(client, "B").acquire(new_token()), Acquired)
 
 
 def test_acquire_is_idempotent_for_the_same_token() -> None:
-    client = fake_redis()
+    client = fresh()
     a = lease(client)
     token = new_token()
     first = a.acquire(token)
@@ -57,7 +71,7 @@ def test_acquire_is_idempotent_for_the_same_token() -> None:
 
 
 def test_another_token_is_told_who_holds_and_for_how_long() -> None:
-    client = fake_redis()
+    client = fresh()
     first = lease(client, "A").acquire(new_token())
     result = lease(client, "B").acquire(new_token())
     assert isinstance(result, Taken)
@@ -67,7 +81,7 @@ def test_another_token_is_told_who_holds_and_for_how_long() -> None:
 
 
 def test_renew_extends_the_key_and_keeps_the_fencing_token() -> None:
-    client = fake_redis()
+    client = fresh()
     a = lease(client)
     token = new_token()
     first = a.acquire(token)
@@ -78,7 +92,7 @@ def test_renew_extends_the_key_and_keeps_the_fencing_token() -> None:
 
 
 def test_renew_of_a_vanished_key_retakes_it_with_the_same_fencing_token() -> None:
-    client = fake_redis()
+    client = fresh()
     a = lease(client)
     token = new_token()
     first = a.acquire(token)
@@ -91,7 +105,7 @@ def test_renew_of_a_vanished_key_retakes_it_with_the_same_fencing_token() -> Non
 
 
 def test_renew_after_another_token_took_the_key_reports_taken() -> None:
-    client = fake_redis()
+    client = fresh()
     a, b = lease(client, "A"), lease(client, "B")
     token_a = new_token()
     first = a.acquire(token_a)
@@ -102,7 +116,7 @@ def test_renew_after_another_token_took_the_key_reports_taken() -> None:
 
 
 def test_fencing_tokens_strictly_increase_even_after_redis_lost_everything() -> None:
-    client = fake_redis()
+    client = fresh()
     seen = []
     for i in range(20):
         owner = lease(client, f"O{i}")
@@ -112,34 +126,37 @@ def test_fencing_tokens_strictly_increase_even_after_redis_lost_everything() -> 
         seen.append(result.fencing_token)
         if i % 5 == 4:
             client.flushall()  # restart without persistence: the counter is gone too
+            mark_epoch(client, "job")  # ...and the quiet period has passed
         else:
             assert owner.release(token)
     assert all(b > a for a, b in zip(seen, seen[1:]))
 
 
 def test_fencing_counter_beats_a_clock_that_went_backwards() -> None:
-    client = fake_redis()
+    client = fresh()
     far_future = 9_000_000_000_000_000  # above any TIME in microseconds for centuries
     client.set(LeaseKeys("job").fence, str(far_future))
     result = lease(client).acquire(new_token())
     assert isinstance(result, Acquired) and result.fencing_token == far_future + 1
 
 
-def test_quiet_period_is_shared_by_every_acquirer_until_it_ends() -> None:
-    client = fake_redis()
+def test_after_data_loss_only_the_still_valid_holder_may_retake_the_key() -> None:
+    client = fresh()
     a = lease(client, "A")
     token = new_token()
-    a.acquire(token)  # opens the quiet period (epoch was missing)
-    assert a.release(token)
-    later = lease(client, "B").acquire(new_token())
-    assert isinstance(later, Acquired)
-    assert 9.0 < later.lock_delay <= 10.0  # still inside A's quiet period
-    client.hset(LeaseKeys("job").epoch, "quiet_until", "0")
-    assert lease(client, "C").inspect().lock_delay_remaining == 0
+    held = a.acquire(token)
+    assert isinstance(held, Acquired) and held.lock_delay == 0
+    client.flushall()  # Redis restarted without persistence
+    standby = lease(client, "B").acquire(new_token())
+    assert isinstance(standby, Quiet) and 9.0 < standby.lock_delay <= 10.0
+    retaken = a.renew(token, held.fencing_token)
+    assert isinstance(retaken, Retaken) and retaken.fencing_token == held.fencing_token
+    assert isinstance(lease(client, "B").acquire(new_token()), Taken)
+    assert lease(client, "C").inspect().lock_delay_remaining > 9.0
 
 
 def test_release_only_deletes_our_own_token_and_notifies_standbys() -> None:
-    client = fake_redis()
+    client = fresh()
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(LeaseKeys("job").channel)
     a = lease(client)
@@ -156,10 +173,11 @@ def test_release_only_deletes_our_own_token_and_notifies_standbys() -> None:
 
 
 def test_inspect_shows_holder_ttl_and_counter_but_never_the_token() -> None:
-    client = fake_redis()
+    client = fresh()
+    assert not lease(fake_redis()).inspect().epoch_present
     free = lease(client).inspect()
     assert not free.held and free.holder is None and free.ttl_left is None
-    assert not free.epoch_present
+    assert free.epoch_present
     token = new_token()
     result = lease(client, "host-1:42").acquire(token)
     info = lease(client, "other").inspect()
@@ -184,7 +202,7 @@ def test_bad_names_are_refused(name: Any, error: type) -> None:
 
 
 def test_a_lease_key_of_the_wrong_type_is_a_fatal_error() -> None:
-    client = fake_redis()
+    client = fresh()
     client.set(LeaseKeys("job").lease, "oops")
     with pytest.raises(RedisFatalError) as info:
         lease(client).acquire(new_token())
@@ -193,7 +211,7 @@ def test_a_lease_key_of_the_wrong_type_is_a_fatal_error() -> None:
 
 
 def test_an_outage_is_a_transient_error() -> None:
-    client = fake_redis()
+    client = fresh()
     client.connection_pool.connection_kwargs["server"].connected = False
     with pytest.raises(RedisTransientError) as info:
         lease(client).acquire(new_token())
@@ -201,7 +219,7 @@ def test_an_outage_is_a_transient_error() -> None:
 
 
 def test_a_garbled_reply_is_reported_not_crashed_on() -> None:
-    a = lease(fake_redis())
+    a = lease(fresh())
     for reply in ([], [b"acquired", b"not-a-number", 0, 0], [b"weird", b"1", 0, 0], None):
         with pytest.raises(RedisFatalError, match=r"unexpected reply|fencing token"):
             a._parse(reply)
@@ -245,7 +263,7 @@ def test_every_error_is_classified_once(exc: BaseException, transient: bool, kin
 
 
 def test_scripts_run_through_evalsha_and_survive_script_flush() -> None:
-    client = fake_redis()
+    client = fresh()
     a = lease(client)
     token = new_token()
     a.acquire(token)
@@ -256,6 +274,7 @@ def test_scripts_run_through_evalsha_and_survive_script_flush() -> None:
 
 def test_decoded_clients_work_too() -> None:
     client = fake_redis(decode_responses=True)
+    mark_epoch(client, "job")
     result = lease(client).acquire(new_token())
     assert isinstance(result, Acquired)
     assert isinstance(lease(client, "B").acquire(new_token()), Taken)

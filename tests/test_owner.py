@@ -131,26 +131,23 @@ def test_acquires_at_once_when_redis_kept_its_state() -> None:
 
 
 def test_first_acquisition_on_an_empty_redis_waits_one_ttl_before_workers() -> None:
+    client = fake_redis()
     sup, worker = supervised()
-    owner, driver, rec = make_owner(epoch=False, supervisor=sup)
+    owner, driver, rec = make_owner(client, epoch=False, supervisor=sup)
     driver.step()
     status = owner.status()
-    assert owner.state == "settling"
-    assert not owner.holding and owner.fencing_token is None
-    assert status.lock_delay_remaining is not None
-    assert status.lock_delay_remaining == pytest.approx(10.0 + drift_for(10.0), abs=0.05)
-    assert not sup.running
-    # Just before the lock-delay ends nothing starts; the lease is renewed meanwhile.
+    # An empty Redis may have just lost a holder's key: nobody new takes it for one ttl.
+    assert owner.state == "acquiring" and not owner.holding
+    assert status.lock_delay_remaining == pytest.approx(10.0, abs=0.05)
+    assert status.next_attempt_in == pytest.approx(10.0, abs=0.05)
+    assert not client.exists(LeaseKeys("job").lease) and not sup.running
     driver.run_for(status.lock_delay_remaining - 0.05)
-    assert owner.state == "settling" and not sup.running
-    assert driver.run_until(lambda: owner.state == "holding", max_seconds=1)
+    assert owner.state == "acquiring" and not sup.running
+    mark_epoch(client)  # the quiet period is over in Redis's own time too
+    assert driver.run_until(lambda: owner.holding, max_seconds=1)
     assert worker.started.wait(5)
     assert worker.contexts[0].fencing_token == owner.fencing_token
-    assert rec.edges() == [
-        ("stopped", "acquiring"),
-        ("acquiring", "settling"),
-        ("settling", "holding"),
-    ]
+    assert rec.edges() == [("stopped", "acquiring"), ("acquiring", "holding")]
     driver.stop()
     assert worker.exited.is_set()
 
@@ -267,20 +264,78 @@ def test_redis_data_loss_lets_the_valid_holder_continue_and_makes_contenders_wai
     a, da, rec_a = make_owner(client, identity="A", supervisor=sup)
     da.step()
     assert worker.started.wait(5)
+    token = a.fencing_token
     client.flushall()  # Redis restarted without persistence
     b, db, rec_b = make_owner(client, identity="B", clock=da.clock, epoch=False)
-    db.step()  # B comes first after the loss: it takes the key but must wait one ttl
-    assert b.state == "settling"
-    assert (b.status().lock_delay_remaining or 0) == pytest.approx(10.0 + drift_for(10.0), abs=0.05)
-    da.advance(a.status().next_attempt_in or 0)  # A's renewal finds B's token: A steps down
-    assert a.state == "acquiring" and rec_a.lost == ["taken"]
-    assert worker.exited.wait(5)
-    a_stopped_at = da.clock()
-    assert db.run_until(lambda: b.holding, max_seconds=11)
-    assert da.clock() > a_stopped_at  # no overlap: B's workers start after A's stopped
-    assert b.fencing_token is not None and b.fencing_token > (rec_a.acquired[0])
+    db.step()  # B comes first after the loss: the key is free, but not for B
+    assert b.state == "acquiring" and not client.exists(LeaseKeys("job").lease)
+    assert (b.status().lock_delay_remaining or 0) == pytest.approx(10.0, abs=0.05)
+    da.advance(a.status().next_attempt_in or 0)  # A's renewal re-takes its own key
+    assert a.state == "holding" and a.fencing_token == token and rec_a.lost == []
+    assert not worker.exited.is_set()  # A's workers never stopped
+    mark_epoch(client)  # even once the quiet period is over...
+    db.advance(b.status().next_attempt_in or 0)
+    assert b.state == "acquiring"  # ...B finds A's token
     db.stop()
     da.stop()
+
+
+def test_after_data_loss_a_dead_holders_standby_starts_when_the_quiet_period_ends() -> None:
+    from mutexowner.testing import crash
+
+    client = fake_redis()
+    a, da, rec_a = make_owner(client, identity="A")
+    da.step()
+    first = a.fencing_token
+    crash(a)
+    client.flushall()
+    b, db, rec_b = make_owner(client, identity="B", clock=da.clock, epoch=False)
+    db.step()
+    assert b.state == "acquiring"
+    quiet = b.status().lock_delay_remaining or 0
+    db.run_for(quiet - 0.01)
+    assert not b.holding
+    mark_epoch(client)
+    assert db.run_until(lambda: b.holding, max_seconds=1)
+    assert b.fencing_token is not None and first is not None and b.fencing_token > first
+    db.stop()
+
+
+def test_a_late_renewal_reply_after_data_loss_waits_the_lock_delay_in_settling(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = fake_redis()
+    sup, worker = supervised()
+    owner, driver, rec = make_owner(client, supervisor=sup)
+    driver.step()
+    assert worker.started.wait(5)
+    _late_retake(owner, driver, client, monkeypatch)
+    assert owner.state == "settling" and not owner.holding
+    assert rec.lost == ["expired"] and worker.exited.wait(5)
+    delay = owner.status().lock_delay_remaining or 0
+    assert delay == pytest.approx(10.0 + drift_for(10.0), abs=0.05)
+    driver.run_for(delay - 0.01)
+    assert owner.state == "settling" and len(worker.contexts) == 1
+    assert driver.run_until(lambda: owner.holding, max_seconds=1)
+    assert worker.started.wait(5) and len(worker.contexts) == 2
+    driver.stop()
+
+
+def _late_retake(
+    owner: MutexOwner, driver: OwnerDriver, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis loses its data; the holder's next renewal reply arrives after its deadline."""
+    real_renew = owner._lease.renew
+
+    def slow_renew(token: str, fence: int) -> Any:
+        # The request hangs until just past the local deadline...
+        driver.clock.advance((owner.status().lease_remaining or 0) + 0.01)
+        return real_renew(token, fence)  # ...then Redis re-takes the vanished key
+
+    client.flushall()
+    monkeypatch.setattr(owner._lease, "renew", slow_renew)
+    driver.advance(owner.status().next_attempt_in or 0)
+    monkeypatch.setattr(owner._lease, "renew", real_renew)
 
 
 def test_holder_renewing_first_after_data_loss_keeps_running() -> None:
@@ -531,16 +586,21 @@ def test_workers_failing_release_the_lease_and_the_owner_contends_again_later() 
 # -- stop ------------------------------------------------------------------------------------
 
 
-def _drive_to(state: str) -> tuple[MutexOwner, OwnerDriver, Recorder, Any, Worker]:
+def _drive_to(
+    state: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[MutexOwner, OwnerDriver, Recorder, Any, Worker]:
     client = fake_redis()
     sup, worker = supervised()
-    owner, driver, rec = make_owner(client, supervisor=sup, epoch=state != "settling")
+    owner, driver, rec = make_owner(client, supervisor=sup)
     if state == "acquiring":
         client.connection_pool.connection_kwargs["server"].connected = False
         driver.step()
         client.connection_pool.connection_kwargs["server"].connected = True
     elif state == "settling":
         driver.step()
+        _late_retake(owner, driver, client, monkeypatch)
+        rec.lost.clear()
+        worker.exited.clear()
     elif state in ("holding", "suspended", "draining"):
         driver.step()
         assert worker.started.wait(5)
@@ -555,8 +615,10 @@ def _drive_to(state: str) -> tuple[MutexOwner, OwnerDriver, Recorder, Any, Worke
 
 
 @pytest.mark.parametrize("state", ["acquiring", "settling", "holding", "suspended", "draining"])
-def test_stop_from_every_state_releases_and_ends_stopped(state: str) -> None:
-    owner, driver, rec, client, worker = _drive_to(state)
+def test_stop_from_every_state_releases_and_ends_stopped(
+    state: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner, driver, rec, client, worker = _drive_to(state, monkeypatch)
     assert driver.stop(max_seconds=30)
     assert owner.state == "stopped" and not owner.holding
     assert lease_hash(client) == {}
@@ -686,22 +748,25 @@ def test_shutdown_rule_accepts_the_defaults() -> None:
 # -- the machine as data ---------------------------------------------------------------------
 
 
-def test_every_transition_of_the_table_is_reachable() -> None:
+def test_every_transition_of_the_table_is_reachable(monkeypatch: pytest.MonkeyPatch) -> None:
     """One tour that walks every edge of the table; fails if an edge is added untested."""
     seen: set[tuple[Optional[str], str]] = set()
     for state in ("acquiring", "settling", "holding", "suspended", "draining"):
-        owner, driver, rec, client, worker = _drive_to(state)
+        owner, driver, rec, client, worker = _drive_to(state, monkeypatch)
         driver.stop(max_seconds=30)
         seen.update(rec.edges())
-    # settling -> holding, lost from each lease state, released:
     client = fake_redis()
     sup, worker = supervised()
-    owner, driver, rec = make_owner(client, epoch=False, supervisor=sup)
+    owner, driver, rec = make_owner(client, supervisor=sup)
     driver.run_until(lambda: owner.holding)
-    client.hset(LeaseKeys("job").lease, "token", new_token())
+    client.hset(LeaseKeys("job").lease, "token", new_token())  # lost from holding
     driver.run_until(lambda: owner.state == "acquiring")
     expire_lease(client, "job")
-    driver.run_until(lambda: owner.state == "settling" or owner.holding)
+    driver.run_until(lambda: owner.holding)
+    _late_retake(owner, driver, client, monkeypatch)  # holding -> acquiring -> settling
+    driver.run_until(lambda: owner.holding, max_seconds=30)  # settled
+    _late_retake(owner, driver, client, monkeypatch)
+    assert owner.state == "settling"
     client.hset(LeaseKeys("job").lease, "token", new_token())  # lost from settling
     driver.run_until(lambda: owner.state == "acquiring")
     expire_lease(client, "job")

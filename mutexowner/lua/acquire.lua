@@ -9,6 +9,7 @@
 --
 -- Replies: {'acquired'|'renewed'|'retaken', fence, quiet_ms, ttl_ms}
 --          {'taken', holder identity, pttl, holder fence}
+--          {'quiet', '', quiet_ms, ''}: free, but nobody new may take it for quiet_ms
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 
 local token, identity = ARGV[1], ARGV[2]
@@ -51,7 +52,13 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   return {'taken', cur[2] or '', redis.call('PTTL', KEYS[1]), cur[3] or ''}
 end
 
--- Free. A renewing holder re-takes it with its own fencing token; a new holder gets
+-- Free. During a quiet period only a renewing holder (whose own lease is still valid) may
+-- take it: a newcomer waits, so the old holder keeps its workers through a short Redis
+-- restart instead of losing the key to a standby that would only sit out the period.
+if own_fence == '' and quiet_ms > 0 then
+  return {'quiet', '', quiet_ms, ''}
+end
+-- A renewing holder re-takes it with its own fencing token; a new holder gets
 -- max(counter + 1, TIME in microseconds), strictly greater than any earlier token even
 -- when the counter itself was lost with the data.
 local counter = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
