@@ -337,6 +337,8 @@ class MutexOwner:
                 )
             if self._started:
                 return
+            if self.supervisor is not None and not self.supervisor.worker_names:
+                raise ValueError("supervisor has no workers registered; add them before start()")
             self._begin()
             self._events.start()
             self._listener = ReleaseListener(
@@ -385,6 +387,9 @@ class MutexOwner:
         if not self._done.wait(timeout):
             return False
         thread.join()
+        sup = self.supervisor
+        if sup is not None and not sup.stuck_workers:
+            sup.stop()  # joins the monitor thread, which joined every worker thread
         listener = self._listener
         if listener is not None:
             listener.stop()
@@ -806,10 +811,13 @@ class MutexOwner:
         due: list[float] = []
         if self._next_attempt is not None and not (state == m.ACQUIRING and self._workers_alive()):
             due.append(self._next_attempt)
+        # Every moment listed must be one at which a tick changes something: a moment in
+        # the past means "tick again now", so a past one that changes nothing would spin.
         if state in m.LEASE_STATES and self.outage == "step_down":
             due.append(self._deadline)
-            if self._workers_alive():
-                due.append(self._deadline - self._shutdown_budget)
+            step_down = self._deadline - self._shutdown_budget
+            if self._workers_alive() and (step_down > now or self._stop_signalled_at is None):
+                due.append(step_down)
         if state == m.SETTLING and self._settle_until is not None:
             due.append(self._settle_until)
         if (
@@ -817,7 +825,11 @@ class MutexOwner:
             and not self._stuck_reported
             and self._workers_alive()
         ):
-            due.append(self._stop_signalled_at + self._shutdown_budget)
+            stuck_at = self._stop_signalled_at + self._shutdown_budget
+            # Once past, it is due only when the lease is gone (the policy is then due):
+            # while the lease is still ours a stuck worker is waited for, renewing.
+            if stuck_at > now or state in (m.ACQUIRING, m.STOPPED):
+                due.append(stuck_at)
         future = [t for t in due if t > now]
         if len(future) < len(due):
             return 0.0

@@ -8,6 +8,11 @@ ends (Erlang/OTP one_for_all), and gives up after more than ``max_restarts`` res
 within ``max_seconds``. It is usable on its own; inside a ``MutexOwner`` it runs only
 while the lease is held, and stops the workers by the lease deadline on its own clock,
 even when the owner thread is busy.
+
+One monitor thread (``mutexowner-supervisor``) does all the starting, stopping and
+restarting; callers only set flags and wait. A worker that ignores ``stopping`` past
+``shutdown_timeout`` is reported (CRITICAL log, ``stuck_workers``, the owner's hook) and
+waited for: nothing new starts while it runs.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol, TypeVar
+from typing import Any, Callable, Optional, Protocol, TypeVar, Union, overload
 
 from mutexowner.backoff import BackoffPolicy
 from mutexowner.clock import Clock, WaitableClock, default_clock, wait_on
@@ -29,12 +35,20 @@ log = logging.getLogger("mutexowner.supervisor")
 WorkerTarget = Callable[..., Any]
 F = TypeVar("F", bound=WorkerTarget)
 
+#: Real seconds ``stop()`` waits beyond ``shutdown_timeout`` by default (thread hand-over).
+STOP_MARGIN = 1.0
+
 
 class LeaseGuard(Protocol):
     """What the supervisor and its workers may know of the owner's lease: its local deadline."""
 
     def valid_until(self) -> Optional[float]:
         """Clock time at which the lease ends by the owner's clock; None for no deadline."""
+
+
+def _real_timeout(seconds: float) -> Optional[float]:
+    """A timeout for ``threading`` waits: None (forever) for values it cannot represent."""
+    return None if seconds >= threading.TIMEOUT_MAX else seconds
 
 
 class WorkerContext:
@@ -73,16 +87,21 @@ class WorkerContext:
         )
 
     def sleep(self, seconds: float) -> bool:
-        """Sleep up to ``seconds``; return early with True as soon as ``stopping`` is set."""
+        """Sleep up to ``seconds``; return early with True as soon as ``stopping`` is set.
+
+        Returns False when the time passed without a stop request. ``seconds <= 0`` only
+        checks; ``math.inf`` waits for the stop request alone.
+        """
         if (
             isinstance(seconds, bool)
             or not isinstance(seconds, (int, float))
             or math.isnan(seconds)
         ):
             raise TypeError(f"seconds must be a number, got {seconds!r}")
+        seconds = max(0.0, float(seconds))
         if not isinstance(self._clock, WaitableClock):
-            return self.stopping.wait(max(0.0, float(seconds)))
-        end = self._clock() + max(0.0, float(seconds))
+            return self.stopping.wait(_real_timeout(seconds))
+        end = self._clock() + seconds
         with self._wake:
             while not self.stopping.is_set():
                 remaining = end - self._clock()
@@ -135,6 +154,7 @@ class _Run:
 @dataclass
 class _Exit:
     run: _Run
+    #: True when the worker ended after being asked to stop (not a reason to restart).
     expected: bool = field(default=False)
 
 
@@ -143,12 +163,20 @@ def _non_negative(name: str, value: object, *, allow_inf: bool = False) -> float
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     number = float(value)
     if math.isnan(number) or number < 0 or (math.isinf(number) and not allow_inf):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        kind = "a number" if allow_inf else "a finite number"
+        raise ValueError(f"{name} must be {kind} >= 0, got {value!r}")
     return number
 
 
 class Supervisor:
-    """Starts, stops and restarts registered worker threads together (one_for_all)."""
+    """Starts, stops and restarts registered worker threads together (one_for_all).
+
+    ``max_restarts`` restarts are allowed within any ``max_seconds`` window; the next one
+    makes the supervisor stop everything and report failure (``failed``). ``shutdown_timeout``
+    is how long each worker gets, from the moment ``stopping`` is set, before it is reported
+    as stuck. ``restart_backoff`` (a ``BackoffPolicy``) paces restarts: before restart ``n``
+    of the current window it waits ``restart_backoff.delay(n)``; default: restart at once.
+    """
 
     def __init__(
         self,
@@ -162,7 +190,7 @@ class Supervisor:
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int):
             raise TypeError(f"max_restarts must be an int, got {type(max_restarts).__name__}")
         if max_restarts < 0:
-            raise ValueError(f"max_restarts must be >= 0, got {max_restarts}")
+            raise ValueError(f"max_restarts must be an int >= 0, got {max_restarts}")
         self.max_restarts = max_restarts
         self.max_seconds = _non_negative("max_seconds", max_seconds)
         if self.max_seconds == 0:
@@ -209,7 +237,10 @@ class Supervisor:
         args: tuple[Any, ...] = (),
         kwargs: Optional[dict[str, Any]] = None,
     ) -> WorkerTarget:
-        """Register ``target(ctx, *args, **kwargs)`` as a worker; returns ``target``."""
+        """Register ``target(ctx, *args, **kwargs)`` as a worker; returns ``target``.
+
+        ``name`` defaults to the target's ``__name__``; names are unique per supervisor.
+        """
         if not callable(target):
             raise TypeError(f"target must be callable, got {type(target).__name__}")
         if name is None:
@@ -221,20 +252,35 @@ class Supervisor:
         if kwargs is not None and not isinstance(kwargs, dict):
             raise TypeError(f"kwargs must be a dict or None, got {type(kwargs).__name__}")
         with self._lock:
-            if self._monitor is not None and self._monitor.is_alive():
+            if self.running:
                 raise RuntimeError("cannot add workers while the supervisor is running")
             if any(spec.name == name for spec in self._specs):
                 raise ValueError(f"a worker named {name!r} is already registered")
             self._specs.append(_Spec(name, target, args, dict(kwargs or {})))
         return target
 
+    @overload
+    def worker(self, name: F) -> F: ...
+
+    @overload
     def worker(
         self,
         name: Optional[str] = None,
         args: tuple[Any, ...] = (),
         kwargs: Optional[dict[str, Any]] = None,
-    ) -> Callable[[F], F]:
-        """Decorator form of ``add``: ``@sup.worker(name="consumer")``."""
+    ) -> Callable[[F], F]: ...
+
+    def worker(
+        self,
+        name: Union[str, F, None] = None,
+        args: tuple[Any, ...] = (),
+        kwargs: Optional[dict[str, Any]] = None,
+    ) -> Union[F, Callable[[F], F]]:
+        """Decorator form of ``add``: ``@sup.worker(name="consumer")`` (or bare ``@sup.worker``)."""
+        if callable(name) and not isinstance(name, str):
+            # Used bare, without parentheses: ``name`` is the decorated function.
+            self.add(name, args=args, kwargs=kwargs)
+            return name
 
         def register(target: F) -> F:
             self.add(target, name=name, args=args, kwargs=kwargs)
@@ -252,7 +298,7 @@ class Supervisor:
 
     @property
     def running(self) -> bool:
-        """True from ``start()`` until every worker thread of the last run has exited."""
+        """True from ``start()`` until the monitor has joined every worker thread of the run."""
         return not self._idle.is_set()
 
     @property
@@ -279,7 +325,7 @@ class Supervisor:
 
     @property
     def last_stop_reason(self) -> Optional[str]:
-        """Why the last run ended: "stopped", "lease_deadline", "lease_lost" or "failed"."""
+        """Why the last run ended: "stopped", "lease_deadline" or "failed"."""
         return self._last_stop_reason
 
     def __repr__(self) -> str:
@@ -291,7 +337,11 @@ class Supervisor:
     # -- control --------------------------------------------------------------------------
 
     def start(self, fencing_token: Optional[int] = None) -> None:
-        """Start every worker, in registration order, each in a thread ``mutexowner-<name>``."""
+        """Start every worker, in registration order, each in a thread ``mutexowner-<name>``.
+
+        RuntimeError if no worker is registered or the supervisor is still running (a
+        ``stop(timeout=0)`` may still be in progress: ``wait_idle()`` first).
+        """
         if fencing_token is not None and (
             isinstance(fencing_token, bool) or not isinstance(fencing_token, int)
         ):
@@ -310,40 +360,53 @@ class Supervisor:
             self._stop_requested = False
             self._last_stop_reason = None
             self._idle.clear()
-            self._monitor = threading.Thread(
+            self._busy = True
+            monitor = threading.Thread(
                 target=self._monitor_main, name="mutexowner-supervisor", daemon=True
             )
+            # The monitor first, so that no worker ever runs unsupervised; it waits for this
+            # lock before looking at anything.
+            try:
+                monitor.start()
+            except BaseException:
+                self._busy = False
+                self._idle.set()
+                raise
+            self._monitor = monitor
             self._start_run(restart_count=0)
-        self._monitor.start()
 
     def stop(self, timeout: Optional[float] = None) -> bool:
         """Stop all workers (reverse order); True when all have exited.
 
-        Waits up to ``timeout`` seconds (default: ``shutdown_timeout`` plus a margin).
-        Idempotent and safe from any thread; called from a worker it only asks and returns.
+        Waits up to ``timeout`` real seconds (default: ``shutdown_timeout`` plus a margin;
+        ``0`` only asks). Idempotent and safe from any thread; called from a worker it only
+        asks and returns False.
         """
+        wait = self.shutdown_timeout + STOP_MARGIN
         if timeout is not None:
-            _non_negative("timeout", timeout, allow_inf=True)
+            wait = _non_negative("timeout", timeout, allow_inf=True)
+        current = threading.current_thread()
         with self._cond:
             self._stop_requested = True
             self._cond.notify_all()
-            own_thread = any(run.thread is threading.current_thread() for run in self._runs)
             monitor = self._monitor
-        if not self.running:
-            return True
-        if own_thread or (monitor is not None and monitor is threading.current_thread()):
-            return False
+            inside = current is monitor or any(run.thread is current for run in self._runs)
+        if inside:
+            return not self.running
         # Real seconds, whatever the clock: with a fake clock the shutdown budget passes only
         # as the test advances it, so tests pass timeout=0 and step the clock instead.
-        self._idle.wait(self.shutdown_timeout + 1.0 if timeout is None else timeout)
-        done = not self.running
-        if done and monitor is not None and monitor is not threading.current_thread():
-            monitor.join()
-        return done
+        end = time.monotonic() + wait
+        if not self._idle.wait(_real_timeout(wait)):
+            return False
+        if monitor is not None:
+            # Past idle the monitor only calls the owner's hook: bounded by what is left.
+            remaining = end - time.monotonic()
+            monitor.join(_real_timeout(max(0.0, remaining)))
+        return True
 
     def wait_idle(self, timeout: Optional[float] = None) -> bool:
         """Wait (real time) until no worker of this supervisor is running."""
-        return self._idle.wait(timeout)
+        return self._idle.wait(None if timeout is None else _real_timeout(timeout))
 
     # -- owner integration (internal) -----------------------------------------------------
 
@@ -355,7 +418,13 @@ class Supervisor:
         key: str,
         hook: Callable[[str, str], None],
     ) -> None:
-        """Attach to one owner: its clock, its lease deadline, and a hook for what happens."""
+        """Attach to one owner: its clock, its lease deadline, and a hook for what happens.
+
+        The hook gets ``(what, detail)``: "restarted" (detail: the workers that ended),
+        "stuck" (the stuck workers), "failed" (given up: sent as soon as decided, before
+        the workers have stopped) and "idle" (the last stop reason, once all have exited).
+        It is called from the monitor thread with no supervisor lock held.
+        """
         with self._lock:
             if self._bound:
                 raise ValueError("this Supervisor already belongs to another MutexOwner")
@@ -375,7 +444,11 @@ class Supervisor:
     # -- internals ------------------------------------------------------------------------
 
     def _start_run(self, restart_count: int) -> None:
-        """Create and start one thread per worker (called with the lock held)."""
+        """Create and start one thread per worker, in order (called with the lock held).
+
+        A thread that cannot be started (``can't start new thread``) counts as a worker
+        that crashed: the monitor restarts everyone, within the restart intensity.
+        """
         self._runs = []
         for spec in self._specs:
             ctx = WorkerContext(
@@ -393,19 +466,34 @@ class Supervisor:
             self._runs.append(run)
         for run in self._runs:
             log.debug("starting worker %s (restart_count=%d)", run.spec.name, restart_count)
-            run.thread.start()
+            try:
+                run.thread.start()
+            except BaseException as exc:
+                log.error("could not start worker %s", run.spec.name, exc_info=exc)
+                run.done = True
+                run.error = exc
+                self._exits.append(_Exit(run, expected=False))
+                self._cond.notify_all()
 
     def _worker_main(self, run: _Run) -> None:
         error: Optional[BaseException] = None
+        name = run.spec.name
         try:
             run.spec.target(run.ctx, *run.spec.args, **run.spec.kwargs)
         except LeaseLost as exc:
             error = exc
-            if not run.ctx.stopping.is_set():
-                log.warning("worker %s: %s", run.spec.name, exc)
+            if run.ctx.stopping.is_set():
+                log.debug("worker %s: %s", name, exc)
+            else:
+                log.warning(
+                    "worker %s raised LeaseLost without being asked to stop", name, exc_info=exc
+                )
         except BaseException as exc:  # never lose a worker's exception to threading.excepthook
             error = exc
-            log.error("worker %s crashed", run.spec.name, exc_info=exc)
+            log.error("worker %s crashed", name, exc_info=exc)
+        else:
+            if not run.ctx.stopping.is_set():
+                log.warning("worker %s returned without being asked to stop", name)
         finally:
             with self._cond:
                 run.done = True
@@ -421,12 +509,17 @@ class Supervisor:
             self._busy = busy
 
     def _step_down_at(self) -> Optional[float]:
+        """When workers must be told to stop so that shutdown_timeout ends by the deadline."""
         guard = self._guard
         deadline = guard.valid_until() if guard is not None else None
         return None if deadline is None else deadline - self.shutdown_timeout
 
+    def _step_down_due(self) -> bool:
+        step_down = self._step_down_at()
+        return step_down is not None and self._clock() >= step_down
+
     def _next_event(self) -> str:
-        """Wait (lock held) until there is something to do; return what."""
+        """Wait (lock held) until there is something to do: "stop", "lease_deadline", "crash"."""
         while True:
             if self._stop_requested:
                 return "stop"
@@ -434,10 +527,9 @@ class Supervisor:
             now = self._clock()
             if step_down is not None and now >= step_down:
                 return "lease_deadline"
-            for exit_ in self._exits:
-                if not exit_.expected:
-                    return "lease_lost" if isinstance(exit_.run.error, LeaseLost) else "crash"
-            self._exits = [e for e in self._exits if not e.expected]
+            if any(not exit_.expected for exit_ in self._exits):
+                return "crash"
+            self._exits = []
             self._wait(None if step_down is None else step_down - now)
 
     def _monitor_main(self) -> None:
@@ -452,12 +544,15 @@ class Supervisor:
                     if reason:
                         break
                     continue
-                reason = event
                 if event == "stop":
                     reason = "stopped"
                 else:
+                    reason = event
                     log.warning(
-                        "stopping workers of key=%s: %s", self._key, event.replace("_", " ")
+                        "stopping workers of key=%s: the lease deadline is %.3g s away "
+                        "(shutdown_timeout) and not confirmed",
+                        self._key,
+                        self.shutdown_timeout,
                     )
                 self._shutdown()
                 break
@@ -465,72 +560,94 @@ class Supervisor:
             log.critical("supervisor monitor failed; stopping all workers", exc_info=True)
             reason = "failed"
             self._failed = True
-            self._shutdown()
+            self._notify("failed", "supervisor error")
+            self._emergency_shutdown()
         finally:
-            self._notify("idle", reason)
             with self._cond:
                 self._last_stop_reason = reason
                 self._busy = False
                 self._idle.set()
                 self._cond.notify_all()
+            # After idle: whoever this wakes sees running == False.
+            self._notify("idle", reason)
 
     def _restart_or_give_up(self) -> str:
         """Handle a worker that ended on its own: restart all, or give up. '' means restarted."""
         with self._cond:
-            crashed = [e.run.spec.name for e in self._exits if not e.expected]
+            crashed = ", ".join(e.run.spec.name for e in self._exits if not e.expected)
             now = self._clock()
+            # A restart counts for max_seconds after it happened, then falls out.
             self._restart_times = [t for t in self._restart_times if now - t < self.max_seconds]
             self._restart_times.append(now)
-            too_many = len(self._restart_times) > self.max_restarts
-        log.warning(
-            "worker %s ended unexpectedly; %s all workers (one_for_all)",
-            ", ".join(crashed),
-            "stopping" if too_many else "restarting",
-        )
-        self._shutdown()
+            attempt = len(self._restart_times)
+            too_many = attempt > self.max_restarts
+            if too_many:
+                self._failed = True
         if too_many:
-            self._failed = True
             log.error(
-                "giving up: more than %d restarts within %.3g s (key=%s)",
+                "worker %s ended unexpectedly; giving up after more than %d restart(s) within "
+                "%.3g s: stopping all workers (key=%s)",
+                crashed,
                 self.max_restarts,
                 self.max_seconds,
                 self._key,
             )
-            self._notify("failed", ", ".join(crashed))
+            # Tell the owner at once, so it drains (keeps renewing) while workers stop.
+            self._notify("failed", crashed)
+            self._shutdown()
             return "failed"
+        log.warning(
+            "worker %s ended unexpectedly; restarting all workers (one_for_all, restart %d "
+            "of at most %d within %.3g s; key=%s)",
+            crashed,
+            attempt,
+            self.max_restarts,
+            self.max_seconds,
+            self._key,
+        )
+        self._shutdown()
         with self._cond:
-            if self.restart_backoff is not None:
-                pause_until = self._clock() + self.restart_backoff.delay(len(self._restart_times))
-                while not self._stop_requested and self._clock() < pause_until:
-                    self._wait(pause_until - self._clock())
+            if self.restart_backoff is not None and not self._stop_requested:
+                pause_until = self._clock() + self.restart_backoff.delay(attempt)
+                while not self._stop_requested and not self._step_down_due():
+                    now = self._clock()
+                    if now >= pause_until:
+                        break
+                    step_down = self._step_down_at()
+                    until = pause_until if step_down is None else min(pause_until, step_down)
+                    self._wait(until - now)
             if self._stop_requested:
                 return "stopped"
-            step_down = self._step_down_at()
-            if step_down is not None and self._clock() >= step_down:
+            if self._step_down_due():
                 return "lease_deadline"
             self._restarts += 1
             self._exits = []
             self._start_run(restart_count=self._restarts)
-        self._notify("restarted", ", ".join(crashed))
+        self._notify("restarted", crashed)
         return ""
 
     def _shutdown(self) -> None:
         """Signal every worker (reverse order) and wait for each (reverse order).
 
-        Workers share one budget, ``shutdown_timeout`` from the signal. Workers still alive
-        after it are reported as stuck; then we keep waiting for them, because starting new
-        copies (or letting the owner release the lease) while they run would be a second
+        Workers are signalled together, so each gets ``shutdown_timeout`` from the signal (one
+        shared budget: with an owner it must fit before the lease deadline). Workers still
+        alive after it are reported as stuck; then we keep waiting for them, because starting
+        new copies (or letting the owner release the lease) while they run would be a second
         runner.
         """
         with self._cond:
             runs = list(self._runs)
             for run in reversed(runs):
+                if not run.done:
+                    log.debug("asking worker %s to stop", run.spec.name)
                 run.ctx._signal_stop()
             budget_end = self._clock() + self.shutdown_timeout
             for run in reversed(runs):
                 while not run.done and self._clock() < budget_end:
                     self._wait(budget_end - self._clock())
-            stuck = [run for run in runs if not run.done]
+                if run.done:
+                    log.debug("worker %s has stopped", run.spec.name)
+            stuck = [run for run in reversed(runs) if not run.done]
             for run in stuck:
                 run.stuck = True
         for run in stuck:
@@ -547,10 +664,28 @@ class Supervisor:
             while not all(run.done for run in runs):
                 self._wait(None)
             self._exits = [e for e in self._exits if e.run not in runs]
-        for run in runs:
-            run.thread.join()
+        for run in reversed(runs):
+            if run.thread.ident is not None:  # never started: nothing to join
+                run.thread.join()
             if run.stuck:
                 log.warning("stuck worker %s has exited (key=%s)", run.spec.name, self._key)
+
+    def _emergency_shutdown(self) -> None:
+        """After a monitor error: stop workers with as little machinery as possible."""
+        try:
+            self._shutdown()
+            return
+        except BaseException:
+            log.critical("supervisor could not stop workers cleanly; retrying", exc_info=True)
+        with self._cond:
+            for run in self._runs:
+                run.ctx.stopping.set()
+            while not all(run.done for run in self._runs):
+                self._cond.wait()  # every worker exit notifies; no clock involved
+            runs = list(self._runs)
+        for run in runs:
+            if run.thread.ident is not None:
+                run.thread.join()
 
     def _notify(self, what: str, detail: str) -> None:
         hook = self._hook
@@ -558,5 +693,5 @@ class Supervisor:
             return
         try:
             hook(what, detail)
-        except Exception:
+        except BaseException:  # the monitor must outlive any hook
             log.exception("supervisor hook failed on %s", what)

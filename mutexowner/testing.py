@@ -161,6 +161,7 @@ class OwnerDriver:
         end = self.clock() + max_seconds
         for _ in range(max_steps):
             wait = self.step()
+            self.settle_workers()  # workers told to stop exit before time moves on
             if predicate():
                 return True
             if self._take_wake():

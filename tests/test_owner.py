@@ -892,3 +892,29 @@ def test_crash_leaves_the_key_to_expire_and_a_standby_takes_over_after_ttl() -> 
     db.advance(b.status().next_attempt_in or 0)
     assert b.holding
     db.stop()
+
+
+def test_suspended_does_not_spin_while_workers_take_their_time_to_stop() -> None:
+    client = fake_redis()
+    release = threading.Event()
+    sup = Supervisor(shutdown_timeout=2.0)
+
+    def slow_to_stop(ctx: WorkerContext) -> None:
+        ctx.stopping.wait(30)
+        release.wait(30)  # takes its time after being asked (within shutdown_timeout)
+
+    sup.add(slow_to_stop)
+    owner, driver, rec = make_owner(client, supervisor=sup)
+    driver.step()
+    server = client.connection_pool.connection_kwargs["server"]
+    server.connected = False
+    step_down = driver.clock() + (owner.status().lease_remaining or 0) - 2.0
+    driver.settle_timeout = 0.0  # do not wait for the slow worker before stepping
+    while driver.clock() < step_down:
+        driver.advance(driver.step() or 0.01)
+    wait = driver.step()
+    assert wait is not None and wait > 0  # waits for the next retry or the deadline
+    release.set()
+    server.connected = True
+    driver.settle_timeout = 5.0
+    driver.stop()
