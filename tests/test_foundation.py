@@ -61,14 +61,16 @@ def test_console_script_is_declared() -> None:
     assert [(ep.name, ep.value) for ep in installed] == [("mutexowner", "mutexowner.cli:main")]
 
 
-# -- CLI stub ------------------------------------------------------------------------------
+# -- CLI entry point (the commands themselves: tests/test_cli.py, tests/test_demo.py) --------
 
 
-def test_cli_main_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main([]) == 0
+def test_cli_main_without_a_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([]) == 2  # nothing to do: a usage error
     out = capsys.readouterr().out
     assert out.startswith("usage: mutexowner")
     assert "Redis" in out
+    for command in ("demo", "run", "status"):
+        assert f"\n    {command} " in out
 
 
 def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
