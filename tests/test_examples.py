@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 
 from mutexowner.lease import Lease, new_token
+from mutexowner.testing import mark_epoch
 from tests.contrib.helpers import (
     DJANGO_PROJECT,
     EXAMPLES,
@@ -73,6 +74,7 @@ def test_one_shot_runs_the_job_once(redis_server: RedisServer, tmp_path: Path) -
 
 
 def test_one_shot_skips_while_another_node_holds(redis_server: RedisServer, tmp_path: Path) -> None:
+    mark_epoch(redis_server.client(), "examples:one-shot")
     other = Lease(redis_server.client(), "examples:one-shot", ttl=60.0, identity="other-node")
     other.acquire(new_token())
     args = [PYTHON, str(EXAMPLES / "one_shot.py"), "--redis", redis_server.url, "--ttl", "1"]

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from mutexowner.lease import Lease, LeaseKeys, new_token
+from mutexowner.testing import mark_epoch
 from tests.contrib.helpers import (
     DJANGO_PROJECT,
     PYTHON,
@@ -74,6 +75,7 @@ def test_status_shows_the_holder(redis_server: RedisServer, tmp_path: Path) -> N
     assert code == 0
     assert out.splitlines() == [f"key: {KEY}", f"redis: {redis_server.url}", "holder: (none)"]
 
+    mark_epoch(redis_server.client(), KEY)
     Lease(redis_server.client(), KEY, ttl=30, identity="node-7").acquire(new_token())
     code, out, _ = manage(tmp_path, "mutexowner", "--status", REDIS_URL=redis_server.url)
     assert code == 0

@@ -34,7 +34,7 @@ def make(
 ) -> tuple[MutexOwner, OwnerDriver]:
     clock = clock if clock is not None else FakeClock()
     owner = MutexOwner(
-        client if client is not None else fake_redis(),
+        client if client is not None else fake_redis(name),
         name,
         ttl=10.0,
         identity=identity,
@@ -59,15 +59,11 @@ def test_gauges_follow_the_owner_at_scrape_time() -> None:
     assert value(registry, "mutexowner_state", key="job", state="acquiring") == 1.0
     assert value(registry, "mutexowner_fencing_token", key="job") == 0.0
 
-    driver.step()  # empty Redis: the first acquisition waits out the lock-delay
-    assert owner.state == "settling"
-    assert value(registry, "mutexowner_holding", key="job") == 0.0
-    assert value(registry, "mutexowner_state", key="job", state="settling") == 1.0
     assert driver.run_until(lambda: owner.holding)
 
     assert value(registry, "mutexowner_holding", key="job") == 1.0
     assert value(registry, "mutexowner_state", key="job", state="holding") == 1.0
-    assert value(registry, "mutexowner_state", key="job", state="settling") == 0.0
+    assert value(registry, "mutexowner_state", key="job", state="acquiring") == 0.0
     assert value(registry, "mutexowner_fencing_token", key="job") == float(owner.fencing_token or 0)
     remaining = value(registry, "mutexowner_lease_remaining_seconds", key="job")
     assert remaining == owner.status().lease_remaining and remaining is not None
@@ -109,7 +105,7 @@ def test_loss_to_another_owner_is_counted_by_reason() -> None:
 
 def test_redis_errors_are_counted_by_kind() -> None:
     registry = CollectorRegistry()
-    client = fake_redis()
+    client = fake_redis("job")
     owner, driver = make(client)
     instrument(owner, registry)
     assert driver.run_until(lambda: owner.holding)
@@ -166,7 +162,6 @@ def test_several_owners_share_one_registry_by_key() -> None:
     assert instrument(b, registry) is metrics
     assert metrics.keys == ("alpha", "beta")
     assert da.run_until(lambda: a.holding)
-    db.step()
     assert value(registry, "mutexowner_holding", key="alpha") == 1.0
     assert value(registry, "mutexowner_holding", key="beta") == 0.0
     assert value(registry, "mutexowner_acquisitions_total", key="alpha") == 1.0
@@ -178,7 +173,7 @@ def test_several_owners_share_one_registry_by_key() -> None:
 
 def test_one_running_owner_per_key_and_registry() -> None:
     registry = CollectorRegistry()
-    client = fake_redis()
+    client = fake_redis("job")
     first, d1 = make(client, identity="first")
     metrics = instrument(first, registry)
     metrics.attach(first)  # the same owner again: nothing happens
