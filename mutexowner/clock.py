@@ -46,4 +46,5 @@ def wait_on(clock: Clock, cond: threading.Condition, timeout: Optional[float]) -
         return
     if timeout is not None and timeout <= 0:
         return
-    cond.wait(timeout)
+    # threading rejects timeouts above TIMEOUT_MAX (OverflowError): wait for a notify then.
+    cond.wait(None if timeout is not None and timeout >= threading.TIMEOUT_MAX else timeout)

@@ -23,7 +23,8 @@ __all__ = ["RedisLike", "client_from", "derive_lease_client", "describe_client",
 RedisLike = Union[redis.Redis, str]
 
 _URL_SCHEMES = ("redis://", "rediss://", "unix://")
-_PASSWORD_IN_TEXT = re.compile(r"(?P<scheme>\b(?:rediss?|unix)://)(?P<user>[^:@/\s]*):[^@/\s]*@")
+# Greedy up to the last "@" of the URL, so a password containing "@" or "/" is covered too.
+_PASSWORD_IN_TEXT = re.compile(r"(?P<scheme>\b(?:rediss?|unix)://)(?P<user>[^:@/\s]*):\S*@")
 
 
 def redact_url(url: str) -> str:

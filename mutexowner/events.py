@@ -119,7 +119,7 @@ class EventDispatcher:
         for listener in listeners:
             try:
                 listener(event)
-            except Exception:
+            except BaseException:  # even SystemExit: the dispatcher thread must live on
                 log.exception(
                     "listener %r failed on %s event for key=%s; ignored",
                     listener,

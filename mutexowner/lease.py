@@ -40,7 +40,7 @@ TOKEN_BYTES = 16
 
 
 def _load_script(name: str) -> str:
-    return resources.files("mutexowner").joinpath("lua", name).read_text(encoding="utf-8")
+    return (resources.files("mutexowner") / "lua" / name).read_text(encoding="utf-8")
 
 
 # Read once at import; redis-py's Script objects then run them by SHA (EVALSHA) and
@@ -185,14 +185,18 @@ _TRANSIENT_PREFIXES = (
     "MISCONF",
     "OOM",
     "UNBLOCKED",
-    "MOVED",
-    "ASK",
 )
 
 
 # redis-py added AuthorizationError after 5.0; older versions raise ResponseError instead.
 _AUTHORIZATION_ERRORS: tuple[type[BaseException], ...] = tuple(
     cls for cls in (getattr(rex, "AuthorizationError", None),) if isinstance(cls, type)
+)
+
+
+# redis-py strips the error code from these replies, so the prefix test below misses them.
+_STRIPPED_TRANSIENT: tuple[type[BaseException], ...] = tuple(
+    cls for cls in (getattr(rex, "OutOfMemoryError", None),) if isinstance(cls, type)
 )
 
 
@@ -209,6 +213,8 @@ def classify_error(exc: BaseException) -> LeaseError:
         return RedisFatalError(f"ACL denied the lease script: {message}", kind="noperm")
     if isinstance(exc, rex.BusyLoadingError):
         return RedisTransientError(f"Redis is loading its dataset: {message}", kind="loading")
+    if isinstance(exc, _STRIPPED_TRANSIENT):
+        return RedisTransientError(f"Redis is temporarily refusing: {message}", kind="oom")
     if isinstance(exc, rex.ReadOnlyError):
         return RedisTransientError(f"Redis is a read-only replica: {message}", kind="readonly")
     if isinstance(exc, (rex.TimeoutError, socket.timeout)):

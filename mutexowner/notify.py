@@ -27,6 +27,10 @@ log = logging.getLogger("mutexowner.notify")
 POLL_SECONDS = 1.0
 
 
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
 class ReleaseListener:
     """Subscribes to a release channel and calls ``on_notice()`` for every notice."""
 
@@ -38,12 +42,15 @@ class ReleaseListener:
         *,
         name: str,
         backoff: BackoffPolicy,
+        ignore_from: Optional[str] = None,
     ) -> None:
         self._client = client
         self._channel = channel
         self._on_notice = on_notice
         self._name = name
         self._backoff = backoff
+        #: Notices published by this releaser (our own owner) wake nobody.
+        self._ignore_from = ignore_from
         self._rng = random.Random()
         self._wake_channel = f"{channel}:wake:{secrets.token_hex(8)}"
         self._subscribed = False
@@ -83,19 +90,21 @@ class ReleaseListener:
                     ignore_subscribe_messages=True
                 )
                 pubsub.subscribe(self._channel, self._wake_channel)
-                self._subscribed = True
-                if failures:
-                    log.debug("release notices resumed on %s", self._channel)
-                # A release may have happened before we were subscribed, or while cut off.
-                self._notice()
-                failures = 0
+                confirmed = False
                 while not self._stopping.is_set():
                     message = pubsub.get_message(timeout=POLL_SECONDS)
+                    if not confirmed and pubsub.subscribed:
+                        # The server confirmed SUBSCRIBE (a refusal, e.g. ACL, raised above):
+                        # only now is the subscription a success.
+                        confirmed = self._subscribed = True
+                        if failures:
+                            log.debug("release notices resumed on %s", self._channel)
+                        # A release may have happened before we were subscribed, or while cut off.
+                        self._notice()
+                        failures = 0
                     if message is not None and message.get("type") == "message":
-                        channel = message.get("channel")
-                        if isinstance(channel, bytes):
-                            channel = channel.decode("utf-8", "replace")
-                        if channel == self._channel:
+                        channel, data = _text(message.get("channel")), _text(message.get("data"))
+                        if channel == self._channel and data != self._ignore_from:
                             self._notice()
             except Exception as exc:  # Redis down or restarting: resubscribe after a pause
                 self._subscribed = False

@@ -14,6 +14,7 @@ that deadline, by this thread and, independently, by the supervisor's own monito
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -37,7 +38,7 @@ from mutexowner.connection import (
     describe_client,
     redact_text,
 )
-from mutexowner.errors import ForkedOwnerError, LeaseError, OwnerStoppedError
+from mutexowner.errors import ForkedOwnerError, LeaseError, MutexOwnerError, OwnerStoppedError
 from mutexowner.events import Event, EventDispatcher, Listener
 from mutexowner.lease import (
     Acquired,
@@ -103,6 +104,21 @@ def _number(name: str, value: object) -> float:
     if not math.isfinite(number):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return number
+
+
+def _flush_logs(timeout: float) -> None:
+    """Flush log handlers before os._exit, without risking a hang on a blocked handler."""
+
+    def flush() -> None:
+        loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+        for logger in loggers:
+            for handler in getattr(logger, "handlers", ()):
+                with contextlib.suppress(Exception):
+                    handler.flush()
+
+    thread = threading.Thread(target=flush, name="mutexowner-flush", daemon=True)
+    thread.start()
+    thread.join(timeout)
 
 
 def _default_identity() -> str:
@@ -321,6 +337,8 @@ class MutexOwner:
     @property
     def fencing_token(self) -> Optional[int]:
         """The fencing token of the current holding period, else None."""
+        if self._forked:
+            return None
         with self._lock:
             return self._fence if self._holding_now(self._clock()) else None
 
@@ -339,14 +357,15 @@ class MutexOwner:
                 return
             if self.supervisor is not None and not self.supervisor.worker_names:
                 raise ValueError("supervisor has no workers registered; add them before start()")
-            self._begin()
             self._events.start()
+            self._begin()
             self._listener = ReleaseListener(
                 derive_lease_client(self._base_client, timeout=max(1.0, self.call_timeout)),
                 self._lease.keys.channel,
                 self._on_release_notice,
                 name=self.key,
                 backoff=self.backoff,
+                ignore_from=self.identity,  # our own release must not cut our own backoff
             )
             self._listener.start()
             self._thread = threading.Thread(
@@ -384,17 +403,33 @@ class MutexOwner:
             return False
         if current.name == f"mutexowner-events-{self.key}":
             return False
-        if not self._done.wait(timeout):
+        end = None if timeout is None else default_clock() + timeout
+
+        def left() -> Optional[float]:
+            return None if end is None else max(0.0, end - default_clock())
+
+        if not self._done.wait(left()):
             return False
-        thread.join()
+        thread.join(left())
         sup = self.supervisor
         if sup is not None and not sup.stuck_workers:
-            sup.stop()  # joins the monitor thread, which joined every worker thread
+            sup.stop(left())  # joins the monitor thread, which joined every worker thread
         listener = self._listener
         if listener is not None:
-            listener.stop()
-        self._events.stop()
-        return True
+            listener.stop(left())
+        events_done = self._events.stop(left())
+        return events_done and not thread.is_alive()
+
+    def request_stop(self) -> None:
+        """Ask for ``stop()`` without waiting: safe in a signal handler (sets flags only).
+
+        The owner thread then stops workers, releases the lease and ends; call ``stop()``
+        later from your main flow to wait for it.
+        """
+        with self._cond:
+            self._stop_requested = True
+            self._wake = True
+            self._cond.notify_all()
 
     def __enter__(self) -> MutexOwner:
         self.start()
@@ -406,6 +441,8 @@ class MutexOwner:
     def wait_until_holding(self, timeout: Optional[float] = None) -> bool:
         """Block (real time) until the owner holds the lease; False on timeout or stop."""
         self._check_fork()
+        if not self._started:
+            raise MutexOwnerError("wait_until_holding() before start(): it would never return")
         with self._cond:
             end = None if timeout is None else default_clock() + timeout
             while not self._holding_now(self._clock()):
@@ -487,10 +524,20 @@ class MutexOwner:
                 wait = min(self.renew_interval, 1.0)
             with self._cond:
                 if self._final:
-                    return
+                    break
                 if not self._wake:
-                    wait_on(self._clock, self._cond, wait)
+                    try:
+                        wait_on(self._clock, self._cond, wait)
+                    except Exception:  # never die, never spin
+                        log.critical("owner wait failed for key=%s", self.key, exc_info=True)
+                        self._cond.wait(1.0)
                 self._wake = False
+        # Final. The stop may have been requested by a worker or a listener, which do not
+        # wait for it: end the helper threads here as well (stop() joins them when it waits).
+        listener = self._listener
+        if listener is not None:
+            listener.stop(timeout=0)
+        self._events.stop(timeout=0)
 
     def _crash(self) -> None:
         """Simulate this process dying (tests, demo): threads end, nothing is released.
@@ -620,6 +667,7 @@ class MutexOwner:
                 return None
             if state == m.SETTLING and self._settle_until is not None and now >= self._settle_until:
                 self._settle_until = None
+                self._guard.until = None if self.outage == "keep_running" else self._deadline
                 self._fire("settled")
             if self._fsm_state == m.HOLDING:
                 self._ensure_workers()
@@ -666,7 +714,8 @@ class MutexOwner:
                 self._give_up("workers_failed", now)
         if self._release_notice:
             self._release_notice = False
-            if self._fsm_state == m.ACQUIRING and not self._stop_requested:
+            # A notice cuts a standby's wait, never its backoff after errors.
+            if self._fsm_state == m.ACQUIRING and not self._stop_requested and not self._errors:
                 self._next_attempt = now
 
     def _check_deadline(self, now: float) -> None:
@@ -713,6 +762,8 @@ class MutexOwner:
         sup = self.supervisor
         if sup is None or sup.running or self._stop_requested:
             return
+        if self.outage == "step_down" and self._clock() >= self._deadline - self._shutdown_budget:
+            return  # too late in this lease: the next confirmed renewal starts them
         self._stop_signalled_at = None
         self._stuck_reported = False
         sup.start(fencing_token=self._fence)
@@ -731,14 +782,21 @@ class MutexOwner:
                 )
             self._signal_workers_stop(now)
 
+    def _signalled_at(self) -> Optional[float]:
+        """When workers were first told to stop, by this thread or the supervisor's monitor."""
+        sup_signalled = self.supervisor.signalled_at if self.supervisor is not None else None
+        times = [t for t in (self._stop_signalled_at, sup_signalled) if t is not None]
+        return min(times) if times else None
+
     def _check_stuck_workers(self, now: float) -> None:
         """Workers alive after the lease is gone and shutdown_timeout passed: apply the policy."""
-        if self._stuck_reported or self._stop_signalled_at is None or not self._workers_alive():
+        signalled = self._signalled_at()
+        if self._stuck_reported or signalled is None or not self._workers_alive():
             return
         lease_gone = self._fsm_state in (m.ACQUIRING, m.STOPPED) or (
             self.outage == "step_down" and now >= self._deadline
         )
-        if not lease_gone or now < self._stop_signalled_at + self._shutdown_budget:
+        if not lease_gone or now < signalled + self._shutdown_budget:
             return
         self._stuck_reported = True
         stuck = self.supervisor.alive_workers if self.supervisor is not None else ()
@@ -758,7 +816,7 @@ class MutexOwner:
             except Exception:
                 log.exception("stuck_worker_policy callable failed")
         elif policy == "exit":
-            logging.shutdown()
+            _flush_logs(timeout=1.0)
             os._exit(STUCK_EXIT_STATUS)
 
     def _release(self, token: Optional[str]) -> bool:
@@ -820,12 +878,9 @@ class MutexOwner:
                 due.append(step_down)
         if state == m.SETTLING and self._settle_until is not None:
             due.append(self._settle_until)
-        if (
-            self._stop_signalled_at is not None
-            and not self._stuck_reported
-            and self._workers_alive()
-        ):
-            stuck_at = self._stop_signalled_at + self._shutdown_budget
+        signalled = self._signalled_at()
+        if signalled is not None and not self._stuck_reported and self._workers_alive():
+            stuck_at = signalled + self._shutdown_budget
             # Once past, it is due only when the lease is gone (the policy is then due):
             # while the lease is still ours a stuck worker is waited for, renewing.
             if stuck_at > now or state in (m.ACQUIRING, m.STOPPED):
@@ -911,8 +966,11 @@ class MutexOwner:
                 self.key,
                 self.identity,
             )
-        if self.supervisor is not None:
-            self.supervisor._lease_changed()
+        sup = self.supervisor
+        if sup is not None:
+            sup._lease_changed()
+            if sup.running and sup.restarts == 0:
+                self._workers_failures = 0  # the workers have been healthy for a while
         if self._fsm_state == m.SUSPENDED:
             self._fire("renewed")
         self._emit("renewed")
@@ -1000,4 +1058,13 @@ class MutexOwner:
             # deadline, at most twice per call_timeout.
             latest = self._deadline - self._shutdown_budget - 2 * self.call_timeout
             at = min(at, latest) if latest > now else min(at, now + self.call_timeout / 2)
+            if self._workers_alive() and at + self.call_timeout > self._deadline:
+                # Workers still running this close to the deadline are late to stop: be free
+                # at the deadline to apply stuck_worker_policy, not inside a call whose reply
+                # would come too late to keep the lease anyway.
+                at = max(at, self._deadline)
+        elif self.outage == "keep_running" and self._fsm_state in m.WORKER_STATES:
+            # Workers run on regardless: re-take the lease as soon as Redis is back rather
+            # than after a long backoff, so a second runner's window stays short.
+            at = min(at, now + self.renew_interval)
         return at

@@ -191,11 +191,11 @@ class Supervisor:
             raise TypeError(f"max_restarts must be an int, got {type(max_restarts).__name__}")
         if max_restarts < 0:
             raise ValueError(f"max_restarts must be an int >= 0, got {max_restarts}")
-        self.max_restarts = max_restarts
-        self.max_seconds = _non_negative("max_seconds", max_seconds)
-        if self.max_seconds == 0:
+        self._max_restarts = max_restarts
+        self._max_seconds = _non_negative("max_seconds", max_seconds)
+        if self._max_seconds == 0:
             raise ValueError("max_seconds must be a finite number > 0, got 0")
-        self.shutdown_timeout = _non_negative("shutdown_timeout", shutdown_timeout)
+        self._shutdown_timeout = _non_negative("shutdown_timeout", shutdown_timeout)
         if restart_backoff is not None and not isinstance(restart_backoff, BackoffPolicy):
             raise TypeError(
                 "restart_backoff must be a BackoffPolicy or None, got "
@@ -203,7 +203,7 @@ class Supervisor:
             )
         if clock is not None and not callable(clock):
             raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
-        self.restart_backoff = restart_backoff
+        self._restart_backoff = restart_backoff
         self._clock: Clock = clock if clock is not None else default_clock
         self._clock_given = clock is not None
         self._specs: list[_Spec] = []
@@ -213,6 +213,8 @@ class Supervisor:
         self._exits: list[_Exit] = []
         self._restart_times: list[float] = []
         self._restarts = 0
+        # When the workers of the current run were first told to stop (clock time), if so.
+        self._signalled_at: Optional[float] = None
         self._failed = False
         self._stop_requested = False
         self._monitor: Optional[threading.Thread] = None
@@ -295,6 +297,28 @@ class Supervisor:
             return tuple(spec.name for spec in self._specs)
 
     # -- state ----------------------------------------------------------------------------
+
+    @property
+    def signalled_at(self) -> Optional[float]:
+        """Clock time the current run's workers were first told to stop (None: not yet)."""
+        return self._signalled_at
+
+    # The settings are read-only: an owner checks its timing rule against them once.
+    @property
+    def max_restarts(self) -> int:
+        return self._max_restarts
+
+    @property
+    def max_seconds(self) -> float:
+        return self._max_seconds
+
+    @property
+    def shutdown_timeout(self) -> float:
+        return self._shutdown_timeout
+
+    @property
+    def restart_backoff(self) -> Optional[BackoffPolicy]:
+        return self._restart_backoff
 
     @property
     def running(self) -> bool:
@@ -450,6 +474,7 @@ class Supervisor:
         that crashed: the monitor restarts everyone, within the restart intensity.
         """
         self._runs = []
+        self._signalled_at = None
         for spec in self._specs:
             ctx = WorkerContext(
                 spec.name,
@@ -637,6 +662,8 @@ class Supervisor:
         """
         with self._cond:
             runs = list(self._runs)
+            if self._signalled_at is None:
+                self._signalled_at = self._clock()
             for run in reversed(runs):
                 if not run.done:
                     log.debug("asking worker %s to stop", run.spec.name)

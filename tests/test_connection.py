@@ -37,6 +37,8 @@ def test_redact_url(url: str, expected: str) -> None:
 def test_redact_text_finds_urls_inside_messages() -> None:
     message = "Error connecting to redis://admin:hunter2@db:6379/0: refused"
     assert redact_text(message) == "Error connecting to redis://admin:***@db:6379/0: refused"
+    tricky = "at redis://u:p@ss/w@db:6379/0 now"  # '@' and '/' inside the password
+    assert redact_text(tricky) == "at redis://u:***@db:6379/0 now"
 
 
 def test_client_from_accepts_clients_and_urls_and_names_the_parameter() -> None:

@@ -243,6 +243,8 @@ def test_a_garbled_reply_is_reported_not_crashed_on() -> None:
         (rex.ResponseError("MASTERDOWN Link with MASTER is down"), True, "masterdown"),
         (rex.ResponseError("BUSY Redis is busy running a script."), True, "busy"),
         (rex.ResponseError("OOM command not allowed"), True, "oom"),
+        (rex.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), True, "oom"),
+        (rex.ResponseError("MOVED 3999 127.0.0.1:6381"), False, "script"),
         (rex.ResponseError("MISCONF Redis is configured to save RDB snapshots"), True, "misconf"),
         (rex.ClusterDownError("The cluster is down"), True, "cluster"),
         (rex.AuthenticationError("invalid username-password pair"), False, "auth"),
@@ -283,3 +285,18 @@ def test_decoded_clients_work_too() -> None:
 
 def test_redis_client_type_is_plain_redis() -> None:
     assert isinstance(fake_redis(), redis.Redis)
+
+
+def test_a_holder_whose_lease_was_superseded_never_retakes_with_its_older_token() -> None:
+    client = fresh()
+    a, b = lease(client, "A"), lease(client, "B")
+    token_a = new_token()
+    first = a.acquire(token_a)
+    assert isinstance(first, Acquired)
+    client.delete(LeaseKeys("job").lease)  # deleted by hand (no data loss: no quiet period)
+    token_b = new_token()
+    assert isinstance(b.acquire(token_b), Acquired)
+    assert b.release(token_b)
+    result = a.renew(token_a, first.fencing_token)
+    assert isinstance(result, Taken)  # B held a later lease meanwhile: A's has ended
+    assert not client.exists(LeaseKeys("job").lease)

@@ -16,7 +16,7 @@ import redis
 
 from mutexowner import machine, testing
 from mutexowner.backoff import BackoffPolicy
-from mutexowner.errors import ForkedOwnerError, OwnerStoppedError
+from mutexowner.errors import ForkedOwnerError, MutexOwnerError, OwnerStoppedError
 from mutexowner.events import Event
 from mutexowner.lease import Lease, LeaseKeys, new_token
 from mutexowner.owner import MutexOwner, drift_for
@@ -659,6 +659,8 @@ def test_a_forked_child_never_renews_or_releases_the_parents_lease() -> None:
                 pass
             if owner.stop() is not True or owner.holding or owner.state != "stopped":
                 code = 11
+            if owner.fencing_token is not None:
+                code = 13
             try:
                 owner._lease.release(owner._token or "")
                 code = 12
@@ -918,3 +920,123 @@ def test_suspended_does_not_spin_while_workers_take_their_time_to_stop() -> None
     server.connected = True
     driver.settle_timeout = 5.0
     driver.stop()
+
+
+# -- regressions from the safety review ------------------------------------------------------
+
+
+def test_workers_may_act_as_soon_as_a_lock_delay_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    client = fake_redis()
+    sup, worker = supervised()
+    owner, driver, rec = make_owner(client, supervisor=sup)
+    driver.step()
+    assert worker.started.wait(5)
+    _late_retake(owner, driver, client, monkeypatch)
+    worker.started.clear()
+    assert driver.run_until(lambda: owner.holding, max_seconds=30)
+    assert worker.started.wait(5)
+    worker.contexts[-1].ensure_held()  # before the first renewal too: the guard is set
+    driver.stop()
+
+
+def test_workers_do_not_start_when_the_lease_is_confirmed_too_late_for_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = fake_redis()
+    sup, worker = supervised(shutdown_timeout=2.0)
+    owner, driver, rec = make_owner(client, supervisor=sup)
+    real_acquire = owner._lease.acquire
+
+    def slow_acquire(token: str) -> Any:
+        result = real_acquire(token)
+        driver.clock.advance(owner.ttl - owner.drift - 2.0 + 0.1)  # past the step-down point
+        return result
+
+    monkeypatch.setattr(owner._lease, "acquire", slow_acquire)
+    driver.step()
+    monkeypatch.setattr(owner._lease, "acquire", real_acquire)
+    assert owner.state == "holding" and not sup.running  # no worker "stuck by construction"
+    # The next renewal gives them a full lease again, and they start.
+    assert driver.run_until(lambda: sup.running, max_seconds=owner.renew_interval + 0.1)
+    assert worker.started.wait(5)
+    driver.stop()
+
+
+def test_keep_running_retries_every_renew_interval_not_at_the_backoff_cap() -> None:
+    client = fake_redis()
+    sup, worker = supervised()
+    owner, driver, rec = make_owner(client, supervisor=sup, outage="keep_running")
+    driver.step()
+    client.connection_pool.connection_kwargs["server"].connected = False
+    driver.run_for(600.0)
+    wait = owner.status().next_attempt_in
+    assert wait is not None and wait <= owner.renew_interval
+    client.connection_pool.connection_kwargs["server"].connected = True
+    driver.stop()
+
+
+def test_request_stop_only_asks_and_wait_until_holding_needs_start() -> None:
+    client = fake_redis("job")
+    owner = MutexOwner(client, "job", ttl=5.0)
+    with pytest.raises(MutexOwnerError, match="start"):
+        owner.wait_until_holding(0.1)
+    owner.start()
+    assert owner.wait_until_holding(5)
+    owner.request_stop()  # what a signal handler may call: sets flags, returns at once
+    assert owner.stop(timeout=5)
+    assert not client.exists(LeaseKeys("job").lease)
+
+
+def test_stop_honours_its_timeout_even_with_a_slow_listener() -> None:
+    client = fake_redis("job")
+    gate = threading.Event()
+    owner = MutexOwner(client, "job", ttl=5.0, on_lost=lambda reason: gate.wait(10))
+    owner.start()
+    assert owner.wait_until_holding(5)
+    start = threading.Event()
+    assert owner.stop(timeout=0.3) is False  # on_lost still blocks the events thread
+    start.set()
+    gate.set()
+    assert owner.stop(timeout=5) is True
+
+
+def test_the_first_events_are_delivered_on_the_events_thread() -> None:
+    client = fake_redis("job")
+    threads: list[str] = []
+    owner = MutexOwner(client, "job", ttl=5.0)
+    owner.add_listener(lambda e: threads.append(threading.current_thread().name))
+    with owner:
+        assert owner.wait_until_holding(5)
+    assert threads and set(threads) == {"mutexowner-events-job"}
+
+
+def test_a_huge_backoff_cap_never_kills_the_owner_thread() -> None:
+    client = fake_redis("job")
+    client.set(LeaseKeys("job").lease, "not a hash")  # fatal: retried at the cap
+    owner = MutexOwner(client, "job", ttl=5.0, backoff=BackoffPolicy(initial=1, max_delay=1e10))
+    owner.start()
+    deadline = threading.Event()
+    for _ in range(500):
+        if owner.status().consecutive_errors:
+            break
+        deadline.wait(0.01)
+    assert owner.status().consecutive_errors == 1
+    assert owner._thread is not None and owner._thread.is_alive()
+    assert owner.stop(timeout=5)
+
+
+def test_stop_requested_by_a_worker_ends_every_owner_thread_without_another_call() -> None:
+    client = fake_redis("job")
+    sup = Supervisor(shutdown_timeout=1.0)
+    box: list[MutexOwner] = []
+
+    def stopper(ctx: WorkerContext) -> None:
+        box[0].stop()
+        ctx.stopping.wait(10)
+
+    sup.add(stopper)
+    owner = MutexOwner(client, "job", ttl=5.0, supervisor=sup)
+    box.append(owner)
+    owner.start()
+    assert owner._done.wait(10)
+    # No second stop(): the autouse fixture fails the test if any mutexowner thread lingers.

@@ -976,3 +976,12 @@ def test_workers_are_stopped_even_when_the_shutdown_code_fails(
     assert sup.failed and sup.alive_workers == ()
     assert set(threading.enumerate()) == before
     assert "could not stop workers cleanly" in caplog.text
+
+
+def test_settings_are_read_only_once_built() -> None:
+    sup = Supervisor(max_restarts=2, max_seconds=3.0, shutdown_timeout=1.0)
+    assert (sup.max_restarts, sup.max_seconds, sup.shutdown_timeout) == (2, 3.0, 1.0)
+    assert sup.restart_backoff is None
+    for name in ("max_restarts", "max_seconds", "shutdown_timeout", "restart_backoff"):
+        with pytest.raises(AttributeError):
+            setattr(sup, name, 0)

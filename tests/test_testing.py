@@ -110,3 +110,25 @@ def test_a_fresh_fake_server_keeps_its_lock_delay_in_real_time() -> None:
     assert not driver.run_until(lambda: owner.holding, max_seconds=60)
     assert owner.status().lock_delay_remaining is not None
     driver.stop()
+
+
+def test_release_listener_ignores_its_own_owners_notices() -> None:
+    client = fake_redis()
+    notices = threading.Semaphore(0)
+    listener = ReleaseListener(
+        client,
+        "chan",
+        notices.release,
+        name="job",
+        backoff=BackoffPolicy(initial=0.01, max_delay=0.05),
+        ignore_from="me",
+    )
+    listener.start()
+    try:
+        assert notices.acquire(timeout=5)  # the wake-up once subscribed
+        client.publish("chan", "me")  # our own release: must not cut our own backoff
+        client.publish("chan", "someone-else")
+        assert notices.acquire(timeout=5)
+        assert not notices.acquire(timeout=0.05)
+    finally:
+        assert listener.stop(timeout=5)

@@ -62,6 +62,11 @@ end
 -- max(counter + 1, TIME in microseconds), strictly greater than any earlier token even
 -- when the counter itself was lost with the data.
 local counter = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+if own_fence ~= '' and counter > tonumber(own_fence) then
+  -- Someone was granted a later lease since ours: ours ended, whatever our clock says
+  -- (the key was deleted by hand, or expired early). Never re-take with an older token.
+  return {'taken', '', 0, ''}
+end
 local fence, status
 if own_fence ~= '' then
   fence, status = tonumber(own_fence), 'retaken'

@@ -3,7 +3,7 @@
 -- Reply: 1 released, 0 not ours (already expired or taken).
 if redis.call('HGET', KEYS[1], 'token') == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  redis.pcall('PUBLISH', ARGV[2], ARGV[3])  -- a refused notice only costs latency
   return 1
 end
 return 0
