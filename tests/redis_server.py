@@ -94,7 +94,8 @@ def free_port(host: str = LOOPBACK) -> int:
 
 
 def _answers_ping(host: str, port: int, timeout: float = 0.5) -> bool:
-    """True if a server at host:port replies ``+PONG`` to PING (not LOADING, not silence)."""
+    """True if a server at host:port answers PING (``+PONG``, or ``-NOAUTH`` when it needs a
+    password), not ``-LOADING`` and not silence."""
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             sock.sendall(b"PING\r\n")
@@ -104,7 +105,7 @@ def _answers_ping(host: str, port: int, timeout: float = 0.5) -> bool:
                 if not chunk:
                     return False
                 reply += chunk
-            return reply.startswith(b"+PONG")
+            return reply.startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 
