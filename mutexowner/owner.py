@@ -948,6 +948,10 @@ class MutexOwner:
         if self._fsm_state == m.ACQUIRING:
             # The key holds the token of this call (a late renewal reply included).
             self._token = token
+            if self._stop_requested:
+                # stop() is waiting (for a draining worker, say): never begin a new holding
+                # period. The key now holds our token, so the release at stop deletes it.
+                return
             self._on_acquired(result, t_sent, t_recv)
             return
         # Renewal of a lease we hold.
