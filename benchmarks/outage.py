@@ -182,7 +182,6 @@ def _round(
         ]
         lost = _first(a, "mo.lost", after=t_kill)
         a_end = _first(a, "worker_end", after=t_kill)
-        b_settling = _first(b, "mo.state", after=t_kill, pred=lambda e: e["state"] == "settling")
         holders = {
             role: _first(agent, "worker_start", after=t_kill) for role, agent in agents.items()
         }
@@ -197,9 +196,9 @@ def _round(
                 "a_workers_stopped_s": rel(a_end["t"]) if a_end else None,
                 "a_deadline_bound_s": rel(max(confirms) + ttl - drift) if confirms else None,
                 "a_suspended_s": rel((_first(a, "mo.suspended", after=t_kill) or {}).get("t")),
-                "b_lock_delay_s": (
-                    holders["B"]["t"] - b_settling["t"] if holders["B"] and b_settling else None
-                ),
+                # After the restart nobody new may take the key for one ttl (the quiet
+                # period opened by the first script call): B starts about that long after.
+                "b_lock_delay_s": holders["B"]["t"] - t_up if holders["B"] else None,
             }
         )
     else:

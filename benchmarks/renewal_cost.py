@@ -227,6 +227,7 @@ def _renewers(
         if kind == "mutexowner":
             from mutexowner.lease import Lease, new_token
 
+            seed_epoch(client, name)
             lease = Lease(client, name, ttl=LEASE, identity="micro")
             token = new_token()
             fence = lease.acquire(token).fencing_token
