@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import numbers
 import os
 import random
 from collections.abc import Iterator
@@ -21,6 +20,8 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import backoff as _backoff_pkg
+
+from mutexowner._validate import finite_number
 
 __all__ = ["JITTER_MODES", "BackoffPolicy", "Jitter"]
 
@@ -35,21 +36,6 @@ JITTER_MODES: tuple[str, ...] = ("full", "equal", "none")
 _RNG = random.Random()
 if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX only
     os.register_at_fork(after_in_child=_RNG.seed)
-
-
-def _finite_number(name: str, value: object, requirement: str) -> float:
-    """Return ``value`` as a float, or raise naming ``name`` and what it must be."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"{name} must be a number (int or float), got {type(value).__name__} {value!r}"
-        )
-    try:
-        result = float(value)
-    except OverflowError:
-        result = math.inf
-    if not math.isfinite(result):
-        raise ValueError(f"{name} must be a finite number {requirement}, got {value!r}")
-    return result
 
 
 @dataclass(frozen=True)
@@ -73,13 +59,13 @@ class BackoffPolicy:
     jitter: Jitter = "full"
 
     def __post_init__(self) -> None:
-        initial = _finite_number("initial", self.initial, "> 0")
+        initial = finite_number("initial", self.initial, "> 0")
         if not initial > 0:
             raise ValueError(f"initial must be a finite number > 0, got {self.initial!r}")
-        factor = _finite_number("factor", self.factor, ">= 1")
+        factor = finite_number("factor", self.factor, ">= 1")
         if not factor >= 1:
             raise ValueError(f"factor must be a finite number >= 1, got {self.factor!r}")
-        max_delay = _finite_number("max_delay", self.max_delay, f">= initial ({initial!r})")
+        max_delay = finite_number("max_delay", self.max_delay, f">= initial ({initial!r})")
         if not max_delay >= initial:
             raise ValueError(
                 f"max_delay must be a finite number >= initial ({initial!r}), "

@@ -30,6 +30,7 @@ from transitions import EventData
 from transitions.extensions import LockedMachine
 
 from mutexowner import machine as m
+from mutexowner._validate import finite_number
 from mutexowner.backoff import BackoffPolicy
 from mutexowner.clock import Clock, default_clock, wait_on
 from mutexowner.connection import (
@@ -95,15 +96,6 @@ class OwnerStatus:
     stuck_workers: tuple[str, ...] = ()
     outage: str = "step_down"
     redis: str = ""
-
-
-def _number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return number
 
 
 def _flush_logs(timeout: float) -> None:
@@ -190,14 +182,14 @@ class MutexOwner:
     ) -> None:
         self.key = validate_name(name, "name")
         validate_name(prefix, "prefix")
-        self.ttl = _number("ttl", ttl)
+        self.ttl = finite_number("ttl", ttl)
         if self.ttl <= 0:
             raise ValueError(f"ttl must be a finite number > 0 (seconds), got {ttl!r}")
         self.drift = drift_for(self.ttl)
         if renew_interval is None:
             self.renew_interval = self.ttl / 3
         else:
-            self.renew_interval = _number("renew_interval", renew_interval)
+            self.renew_interval = finite_number("renew_interval", renew_interval)
             if not 0 < self.renew_interval < self.ttl:
                 raise ValueError(
                     f"renew_interval must be > 0 and < ttl ({self.ttl:g}), got {renew_interval!r}"
@@ -205,7 +197,7 @@ class MutexOwner:
         if call_timeout is None:
             self.call_timeout = min(1.0, self.renew_interval / 3)
         else:
-            self.call_timeout = _number("call_timeout", call_timeout)
+            self.call_timeout = finite_number("call_timeout", call_timeout)
             if not 0 < self.call_timeout <= self.renew_interval:
                 raise ValueError(
                     f"call_timeout must be > 0 and <= renew_interval "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import shlex
 import shutil
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Callable, Optional, Union
 
+from mutexowner._validate import finite_number
 from mutexowner.connection import redact_text
 from mutexowner.events import Event
 from mutexowner.owner import STUCK_EXIT_STATUS, MutexOwner, StuckPolicy, drift_for
@@ -144,15 +144,6 @@ def kill_margin(ttl: float) -> float:
     return min(1.0, max(0.25, ttl * 0.05))
 
 
-def _finite(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return number
-
-
 @dataclass(frozen=True)
 class RunConfig:
     """What ``mutexowner run`` was asked to do; validated when built (messages name the flag)."""
@@ -172,17 +163,17 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.command or not all(isinstance(a, str) for a in self.command):
             raise ValueError("a COMMAND is required after '--' (e.g. -- /usr/bin/backup --all)")
-        ttl = _finite("--ttl", self.ttl)
+        ttl = finite_number("--ttl", self.ttl)
         if ttl <= 0:
             raise ValueError(f"--ttl must be > 0 seconds, got {self.ttl!r}")
-        grace = ttl * 0.3 if self.grace is None else _finite("--grace", self.grace)
+        grace = ttl * 0.3 if self.grace is None else finite_number("--grace", self.grace)
         if grace < 0:
             raise ValueError(f"--grace must be >= 0 seconds, got {self.grace!r}")
         if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int):
             raise TypeError(f"--max-restarts must be an integer, got {self.max_restarts!r}")
         if self.max_restarts < 0:
             raise ValueError(f"--max-restarts must be >= 0, got {self.max_restarts}")
-        if _finite("--max-seconds", self.max_seconds) <= 0:
+        if finite_number("--max-seconds", self.max_seconds) <= 0:
             raise ValueError(f"--max-seconds must be > 0, got {self.max_seconds!r}")
         object.__setattr__(self, "grace_seconds", grace)
         limit = self.max_grace(ttl)
