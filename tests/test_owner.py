@@ -22,27 +22,9 @@ from mutexowner.lease import Lease, LeaseKeys, new_token
 from mutexowner.owner import MutexOwner, drift_for
 from mutexowner.supervisor import Supervisor, WorkerContext
 from mutexowner.testing import FakeClock, OwnerDriver, expire_lease, fake_redis
+from tests.helpers import Recorder
 
 NO_JITTER = BackoffPolicy(initial=0.5, factor=2.0, max_delay=30.0, jitter="none")
-
-
-class Recorder:
-    """Collects events; also the on_acquired/on_lost callbacks."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self.acquired: list[int] = []
-        self.lost: list[str] = []
-        self.stuck: list[tuple[str, ...]] = []
-
-    def __call__(self, event: Event) -> None:
-        self.events.append(event)
-
-    def kinds(self) -> list[str]:
-        return [e.kind for e in self.events]
-
-    def edges(self) -> list[tuple[Optional[str], str]]:
-        return [(e.previous_state, e.state) for e in self.events if e.kind == "state"]
 
 
 def mark_epoch(client: Any, name: str = "job") -> None:

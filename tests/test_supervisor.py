@@ -22,25 +22,15 @@ import pytest
 from mutexowner import LeaseLost, Supervisor, WorkerContext
 from mutexowner.backoff import BackoffPolicy
 from mutexowner.testing import FakeClock
+from tests.helpers import REAL_TIMEOUT, wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
 LOGGER = "mutexowner.supervisor"
-REAL_TIMEOUT = 5.0
 
 
 class Boom(Exception):
     """What a scripted worker raises when told to crash."""
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = REAL_TIMEOUT) -> bool:
-    """Poll an observable condition (real time) until it holds or ``timeout`` passes."""
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= end:
-            return predicate()
-        time.sleep(0.002)
-    return True
 
 
 def parked(sup: Supervisor) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Any, Callable, Optional
 
 import pytest
@@ -19,25 +18,14 @@ import redis
 
 from mutexowner import LeaseLost, MutexOwner, Supervisor, WorkerContext
 from mutexowner.backoff import BackoffPolicy
-from mutexowner.events import Event
 from mutexowner.lease import LeaseKeys, new_token
 from mutexowner.testing import FakeClock, OwnerDriver, fake_redis, mark_epoch
+from tests.helpers import REAL_TIMEOUT, Recorder, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
 NO_JITTER = BackoffPolicy(initial=0.5, factor=2.0, max_delay=30.0, jitter="none")
 KEYS = LeaseKeys("job")
-REAL_TIMEOUT = 5.0
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = REAL_TIMEOUT) -> bool:
-    """Poll an observable condition (real time) until it holds or ``timeout`` passes."""
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= end:
-            return predicate()
-        time.sleep(0.002)
-    return True
 
 
 def holder(client: Any) -> Optional[bytes]:
@@ -47,22 +35,6 @@ def holder(client: Any) -> Optional[bytes]:
     except redis.exceptions.ConnectionError:
         return b"?"
     return None if value is None else bytes(value)
-
-
-class Recorder:
-    """Events, on_acquired/on_lost and stuck_worker_policy calls of one owner."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self.acquired: list[int] = []
-        self.lost: list[str] = []
-        self.stuck: list[tuple[str, ...]] = []
-
-    def __call__(self, event: Event) -> None:
-        self.events.append(event)
-
-    def kinds(self) -> list[str]:
-        return [e.kind for e in self.events]
 
 
 def make_owner(
