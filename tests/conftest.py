@@ -7,6 +7,7 @@ any other skip of a test marked ``redis``, into a failure.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -90,6 +91,18 @@ def no_leaked_threads() -> Iterator[None]:
 
 
 # -- real redis-server fixtures ----------------------------------------------------------
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """For tests of ``main()`` entry points, which configure logging: restore its state."""
+    root = logging.getLogger()
+    ours = logging.getLogger("mutexowner")
+    saved = (root.level, list(root.handlers), ours.level)
+    yield
+    root.setLevel(saved[0])
+    root.handlers[:] = saved[1]
+    ours.setLevel(saved[2])
 
 
 @pytest.fixture

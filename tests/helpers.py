@@ -42,3 +42,12 @@ class Recorder:
 
     def edges(self) -> list[tuple[Optional[str], str]]:
         return [(e.previous_state, e.state) for e in self.events if e.kind == "state"]
+
+
+def alive(pid: int) -> bool:
+    """True while process ``pid`` exists and is not a zombie (Linux ``/proc``)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except OSError:
+        return False

@@ -39,22 +39,14 @@ from mutexowner.runner import (
     kill_margin,
 )
 from mutexowner.testing import fake_redis
+from tests.helpers import alive, wait_for
 
 PASSWORD = "s3cret-pw"
 #: A loopback port nothing listens on (connection refused at once).
 CLOSED_URL = f"redis://alice:{PASSWORD}@127.0.0.1:1/0"
 
 
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """``main()`` configures logging; give every later test the state it had."""
-    root = logging.getLogger()
-    ours = logging.getLogger("mutexowner")
-    saved = (root.level, list(root.handlers), ours.level)
-    yield
-    root.setLevel(saved[0])
-    root.handlers[:] = saved[1]
-    ours.setLevel(saved[2])
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def mark_epoch(client: Any, name: str = "job", prefix: str = "mutexowner") -> None:
@@ -344,25 +336,6 @@ while True:
 """
 
 
-def _alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            return stat.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
-def _poll(condition: Callable[[], bool], timeout: float) -> bool:
-    """Poll an observable condition with a deadline (not a sleep as synchronisation)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 class RunnerUnderTest:
     """A Runner on a fakeredis lease (no lock-delay), run in a helper thread."""
 
@@ -401,7 +374,7 @@ class RunnerUnderTest:
         return [ln.split() for ln in self.out.read_text().splitlines() if ln.startswith(prefix)]
 
     def wait_ready(self) -> None:
-        assert _poll(lambda: bool(self.lines("ready")), 15), "the command never became ready"
+        assert wait_for(lambda: bool(self.lines("ready")), 15), "the command never became ready"
 
     def join(self, timeout: float = 20.0) -> Optional[int]:
         self.thread.join(timeout)
@@ -487,7 +460,7 @@ def test_second_stop_request_skips_the_grace_period(
     run = make_runner("ignore-term", ttl=30.0, grace=8.0)
     run.wait_ready()
     run.runner.request_stop()
-    assert _poll(lambda: run.runner._shutting_down, 5)
+    assert wait_for(lambda: run.runner._shutting_down, 5)
     started = time.monotonic()
     run.runner.request_stop()
     assert run.join() == 137
@@ -502,10 +475,10 @@ def test_stopping_the_command_kills_its_whole_process_group(
     run.wait_ready()
     (grandchild,) = run.lines("grandchild")
     pid = int(grandchild[1])
-    assert _alive(pid)
+    assert alive(pid)
     run.runner.request_stop()
     assert run.join() == 143
-    assert _poll(lambda: not _alive(pid), 5), "the command's own child survived"
+    assert wait_for(lambda: not alive(pid), 5), "the command's own child survived"
 
 
 @pytest.mark.timeout(30)
@@ -518,11 +491,11 @@ def test_lease_lost_stops_the_command_and_it_restarts_when_held_again(
     # Another token takes the key: the next renewal sees it and the command is stopped.
     keys = LeaseKeys("job")
     run.client.hset(keys.lease, "token", "someone-else")
-    assert _poll(lambda: bool(run.runner.statuses), 10), "the command was not stopped"
+    assert wait_for(lambda: bool(run.runner.statuses), 10), "the command was not stopped"
     assert run.runner.statuses == [143]
-    assert not _alive(int(first[4]))
+    assert not alive(int(first[4]))
     # The intruder's key expires; the runner takes the lease again and restarts the command.
-    assert _poll(lambda: len(run.lines("start")) == 2, 15), "no restart after re-acquiring"
+    assert wait_for(lambda: len(run.lines("start")) == 2, 15), "no restart after re-acquiring"
     assert int(run.lines("start")[1][1]) > int(first[1])  # a new fencing token
     run.runner.request_stop()
     assert run.join() == 143
@@ -553,14 +526,14 @@ def test_guard_kills_the_command_group_when_its_parent_is_gone(tmp_path: Path) -
     )
     os.close(read_end)
     try:
-        assert _poll(lambda: out.exists() and "ready" in out.read_text(), 15)
+        assert wait_for(lambda: out.exists() and "ready" in out.read_text(), 15)
         lines = out.read_text().split()
         child, grandchild = int(lines[4]), int(lines[6])
-        assert _alive(child) and _alive(grandchild)
+        assert alive(child) and alive(grandchild)
         os.close(write_end)  # what the kernel does when `mutexowner run` is killed
         write_end = -1
         assert guard.wait(10) == -signal.SIGKILL
-        assert _poll(lambda: not _alive(child) and not _alive(grandchild), 5)
+        assert wait_for(lambda: not alive(child) and not alive(grandchild), 5)
     finally:
         if write_end >= 0:
             os.close(write_end)

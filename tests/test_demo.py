@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import re
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,16 +33,7 @@ SUMMARY = re.compile(
 )
 
 
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """``main()`` configures logging; give every later test the state it had."""
-    root = logging.getLogger()
-    ours = logging.getLogger("mutexowner")
-    saved = (root.level, list(root.handlers), ours.level)
-    yield
-    root.setLevel(saved[0])
-    root.handlers[:] = saved[1]
-    ours.setLevel(saved[2])
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 # -- the plan ------------------------------------------------------------------------------

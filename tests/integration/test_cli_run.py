@@ -17,13 +17,14 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import pytest
 
 from mutexowner import cli
 from mutexowner.lease import LeaseKeys
 from mutexowner.runner import EXIT_GAVE_UP, EXIT_STATUS_FREE, EXIT_USAGE
+from tests.helpers import alive, wait_for
 from tests.redis_server import RedisServer
 
 TTL = 2.0
@@ -137,27 +138,8 @@ class Fleet:
                 proc.kill()
             proc.wait(30)
         for record in self.records("start"):  # the guard should have done this already
-            if _alive(record.pid):
+            if alive(record.pid):
                 os.kill(record.pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            return stat.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
-def _poll(condition: Callable[[], bool], timeout: float) -> bool:
-    """Poll an observable condition until it holds or ``timeout`` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 @pytest.fixture
@@ -181,10 +163,10 @@ def test_two_runs_never_run_the_command_at_once_and_one_takes_over_after_kill_9(
 ) -> None:
     fleet.start("A")
     fleet.start("B")
-    assert _poll(lambda: bool(fleet.records("start")), 30), fleet.stderr("A") + fleet.stderr("B")
+    assert wait_for(lambda: bool(fleet.records("start")), 30), fleet.stderr("A") + fleet.stderr("B")
     first = fleet.records("start")[0]
     other = "B" if first.identity == "A" else "A"
-    assert _poll(lambda: len(fleet.records("beat")) >= 5, 10)
+    assert wait_for(lambda: len(fleet.records("beat")) >= 5, 10)
     assert fleet.starts_by(other) == []  # the standby waits
     code, info = _status(fleet.url)
     assert code == 0 and info["holder"] == first.identity and info["fencing_token"] == first.token
@@ -194,14 +176,14 @@ def test_two_runs_never_run_the_command_at_once_and_one_takes_over_after_kill_9(
     holder.wait(10)
     killed_at = time.monotonic()
     # The guard saw its pipe close and killed the command's process group.
-    assert _poll(lambda: not _alive(first.pid), 5), "the command outlived mutexowner run"
+    assert wait_for(lambda: not alive(first.pid), 5), "the command outlived mutexowner run"
 
-    assert _poll(lambda: bool(fleet.starts_by(other)), TTL + 15), fleet.stderr(other)
+    assert wait_for(lambda: bool(fleet.starts_by(other)), TTL + 15), fleet.stderr(other)
     (taken_over,) = fleet.starts_by(other)
     assert taken_over.token > first.token
     # Nobody released the lease: the standby waited for it to expire (about one ttl).
     assert taken_over.at - killed_at < TTL + 5
-    assert _poll(lambda: len(fleet.records("beat")) > 10, 10)
+    assert wait_for(lambda: len(fleet.records("beat")) > 10, 10)
     fleet.assert_never_two_at_once()
     assert len(fleet.starts_by(first.identity)) == 1
 
@@ -216,17 +198,17 @@ def test_two_runs_never_run_the_command_at_once_and_one_takes_over_after_kill_9(
 @pytest.mark.timeout(60)
 def test_clean_stop_hands_over_at_once(fleet: Fleet) -> None:
     fleet.start("A")
-    assert _poll(lambda: bool(fleet.starts_by("A")), 30), fleet.stderr("A")
+    assert wait_for(lambda: bool(fleet.starts_by("A")), 30), fleet.stderr("A")
     fleet.start("B")
     # Both runs listen for release notices (a standby that subscribes after the release
     # would only learn of it when the lease's ttl runs out).
     channel = LeaseKeys(fleet.key).channel
     client = fleet.server.client()
-    assert _poll(lambda: client.execute_command("PUBSUB", "NUMSUB", channel)[1] >= 2, 30)
+    assert wait_for(lambda: client.execute_command("PUBSUB", "NUMSUB", channel)[1] >= 2, 30)
     fleet.procs["A"].send_signal(signal.SIGINT)
     assert fleet.procs["A"].wait(20) == 0
     stopped_at = time.monotonic()
-    assert _poll(lambda: bool(fleet.starts_by("B")), 20), fleet.stderr("B")
+    assert wait_for(lambda: bool(fleet.starts_by("B")), 20), fleet.stderr("B")
     # A release notice, not the ttl: B starts well before A's lease would have expired.
     assert fleet.starts_by("B")[0].at - stopped_at < TTL / 2
     fleet.procs["B"].send_signal(signal.SIGTERM)
@@ -246,7 +228,7 @@ def test_sigterm_stops_the_command_releases_and_exits_with_its_status(
     fleet: Fleet, mode: str, env: dict[str, str], expected: int
 ) -> None:
     proc = fleet.start("A", mode=mode, env=env)
-    assert _poll(lambda: len(fleet.records("beat")) >= 3, 30), fleet.stderr("A")
+    assert wait_for(lambda: len(fleet.records("beat")) >= 3, 30), fleet.stderr("A")
     (start,) = fleet.records("start")
     assert start.key == "job"
     signalled = time.monotonic()
@@ -255,21 +237,21 @@ def test_sigterm_stops_the_command_releases_and_exits_with_its_status(
     if mode == "ignore":
         assert time.monotonic() - signalled >= GRACE
         assert "sending SIGKILL" in fleet.stderr("A")
-    assert not _alive(start.pid)
+    assert not alive(start.pid)
     assert _status(fleet.url)[0] == EXIT_STATUS_FREE
 
 
 @pytest.mark.timeout(60)
 def test_a_second_signal_skips_the_rest_of_the_grace_period(fleet: Fleet) -> None:
     proc = fleet.start("A", "--ttl", "30", "--grace", "15", mode="ignore")
-    assert _poll(lambda: len(fleet.records("beat")) >= 3, 30), fleet.stderr("A")
+    assert wait_for(lambda: len(fleet.records("beat")) >= 3, 30), fleet.stderr("A")
     (start,) = fleet.records("start")
     proc.send_signal(signal.SIGTERM)
-    assert _poll(lambda: "SIGTERM received" in fleet.stderr("A"), 10)
+    assert wait_for(lambda: "SIGTERM received" in fleet.stderr("A"), 10)
     assert proc.poll() is None  # waiting out --grace for a command that ignores SIGTERM
     proc.send_signal(signal.SIGINT)
     assert proc.wait(10) == 128 + signal.SIGKILL  # well before the 15 s grace
-    assert not _alive(start.pid)
+    assert not alive(start.pid)
     assert _status(fleet.url)[0] == EXIT_STATUS_FREE
 
 
@@ -286,10 +268,10 @@ def test_a_command_that_keeps_failing_makes_the_run_give_up(fleet: Fleet) -> Non
     proc = fleet.start(
         "A", "--max-restarts", "2", "--max-seconds", "30", env={"CHILD_EXIT_ON_TERM": "0"}
     )
-    assert _poll(lambda: bool(fleet.records("start")), 30)
+    assert wait_for(lambda: bool(fleet.records("start")), 30)
     # Kill the command from outside three times: each death is an unexpected exit.
     for n in range(3):
-        assert _poll(lambda n=n: len(fleet.records("start")) == n + 1, 20), fleet.stderr("A")
+        assert wait_for(lambda n=n: len(fleet.records("start")) == n + 1, 20), fleet.stderr("A")
         os.kill(fleet.records("start")[n].pid, signal.SIGKILL)
     assert proc.wait(30) == EXIT_GAVE_UP
     assert "giving up" in fleet.stderr("A")
@@ -324,7 +306,7 @@ def test_status_command_with_a_password_never_prints_it(fleet: Fleet) -> None:
     assert json.loads(free.stdout)["redis"] == shown
 
     proc = fleet.start("A", "--log-level", "debug", url=url)
-    assert _poll(lambda: bool(fleet.records("start")), 30), fleet.stderr("A")
+    assert wait_for(lambda: bool(fleet.records("start")), 30), fleet.stderr("A")
     held = _cli("status", "--redis", url, "--key", "job")
     assert held.returncode == 0, held.stderr
     assert f"on {shown}): held" in held.stdout
