@@ -364,6 +364,20 @@ def numsub(client: redis.Redis, channel: str) -> int:
     return int(reply[0][1]) if reply else 0
 
 
+def standby_ready(kind: str, waiter: Agent, coord: redis.Redis) -> None:
+    """Wait (set-up, not timed) until ``waiter`` is really waiting: mutexowner's release
+    subscription is live, python-redis-lock's BLPOP is pending; pollers need nothing."""
+    if kind == "mutexowner":
+        waiter.expect("standby_ready", 15)
+        channel = waiter.hello["channel"]
+        if not wait_until(lambda: numsub(coord, channel) >= 2, 5):
+            raise RuntimeError(f"{waiter.label}: release subscription never appeared")
+    elif kind == "python-redis-lock":
+        name = waiter.config["client_name"]
+        if not wait_until(lambda: blocked_clients(coord, name) >= 1, 5):
+            raise RuntimeError(f"{waiter.label}: never blocked in BLPOP")
+
+
 # -- statistics and tables -----------------------------------------------------------------
 
 

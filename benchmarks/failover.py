@@ -25,17 +25,15 @@ from _common import (
     Agent,
     RedisProc,
     base_parser,
-    blocked_clients,
     chosen,
     log_dir,
-    numsub,
     ratio,
     rng,
     seed_epoch,
     standalone,
+    standby_ready,
     summary,
     table,
-    wait_until,
 )
 
 #: Why each contender's standby is late after the key expired, at its defaults.
@@ -67,18 +65,6 @@ def _config(kind: str, server: RedisProc, ttl: float, role: str) -> dict[str, An
         "renew_every": ttl / 3 if manual else None,
         "shutdown_timeout": min(0.5, ttl / 4),
     }
-
-
-def _standby_ready(kind: str, waiter: Agent, coord: Any) -> None:
-    if kind == "mutexowner":
-        waiter.expect("standby_ready", 15)
-        channel = waiter.hello["channel"]
-        if not wait_until(lambda: numsub(coord, channel) >= 2, 5):
-            raise RuntimeError(f"{waiter.label}: release subscription never appeared")
-    elif kind == "python-redis-lock":
-        name = waiter.config["client_name"]
-        if not wait_until(lambda: blocked_clients(coord, name) >= 1, 5):
-            raise RuntimeError(f"{waiter.label}: never blocked in BLPOP")
 
 
 def run(server: RedisProc, args: argparse.Namespace) -> dict[str, Any]:
@@ -118,7 +104,7 @@ def run(server: RedisProc, args: argparse.Namespace) -> dict[str, Any]:
                 key = holder.hello["key"]
                 waiter.send("acquire")
                 waiter.expect("waiting", 15)
-                _standby_ready(kind, waiter, coord)
+                standby_ready(kind, waiter, coord)
                 # A random phase of the holder's renewal cycle (the slowest renews every 2/3 ttl).
                 time.sleep(random.uniform(0.0, ttl * 2 / 3))
                 pttl_ms = coord.pttl(key)

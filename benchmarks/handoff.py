@@ -25,17 +25,15 @@ from _common import (
     Agent,
     RedisProc,
     base_parser,
-    blocked_clients,
     chosen,
     log_dir,
-    numsub,
     ratio,
     rng,
     seed_epoch,
     standalone,
+    standby_ready,
     summary,
     table,
-    wait_until,
 )
 
 #: How each contender's waiter learns that the lock is free, at its defaults.
@@ -68,19 +66,6 @@ def parser() -> argparse.ArgumentParser:
         help="the holder releases uniform(MIN, MAX) s after the waiter is waiting",
     )
     return p
-
-
-def _standby_ready(kind: str, waiter: Agent, coord: Any) -> None:
-    """Wait (set-up, not timed) until the waiter is really waiting."""
-    if kind == "mutexowner":
-        waiter.expect("standby_ready", 15)
-        channel = waiter.hello["channel"]
-        if not wait_until(lambda: numsub(coord, channel) >= 2, 5):
-            raise RuntimeError(f"{waiter.label}: release subscription never appeared")
-    elif kind == "python-redis-lock":
-        name = waiter.config["client_name"]
-        if not wait_until(lambda: blocked_clients(coord, name) >= 1, 5):
-            raise RuntimeError(f"{waiter.label}: never blocked in BLPOP")
 
 
 def run(server: RedisProc, args: argparse.Namespace) -> dict[str, Any]:
@@ -125,7 +110,7 @@ def run(server: RedisProc, args: argparse.Namespace) -> dict[str, Any]:
                 holder, waiter = pairs[kind]
                 waiter.send("acquire")
                 waiter.expect("waiting", 15)
-                _standby_ready(kind, waiter, coord)
+                standby_ready(kind, waiter, coord)
                 time.sleep(random.uniform(*args.phase))
                 holder.send("release")
                 released = holder.expect("released", 30)
