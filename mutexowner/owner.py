@@ -281,6 +281,9 @@ class MutexOwner:
 
         # Machine variables; written by the thread that runs _tick (lock held).
         self._token: Optional[str] = None
+        #: Token of a key an acquisition reply gave us after stop() was requested: never
+        #: held (no workers start), only released when the stop completes.
+        self._unclaimed: Optional[str] = None
         self._fence: Optional[int] = None
         self._deadline = -math.inf
         self._settle_until: Optional[float] = None
@@ -666,6 +669,7 @@ class MutexOwner:
             if self._fsm_state in (m.SUSPENDED, m.DRAINING):
                 self._step_down_if_due(now)
             release_token = None
+            unclaimed = False
             if self._fsm_state == m.DRAINING and not self._workers_alive():
                 release_token = self._token
             elif (
@@ -675,9 +679,11 @@ class MutexOwner:
                 # stuck-worker policy to have been applied, before ending for good.
                 and (not self._workers_alive() or self._stuck_reported)
             ):
-                self._fire("stop", reason="stopped")
-                self._finish()
-                return None
+                if self._unclaimed is None:
+                    self._fire("stop", reason="stopped")
+                    self._finish()
+                    return None
+                release_token, self._unclaimed, unclaimed = self._unclaimed, None, True
             call_due = release_token is None and (
                 self._next_attempt is not None
                 and self._clock() >= self._next_attempt
@@ -688,6 +694,12 @@ class MutexOwner:
         if release_token is not None:
             released = self._release(release_token)
             with self._lock:
+                if unclaimed and self._fsm_state == m.ACQUIRING and not self._final:
+                    if released:
+                        self._emit("released")
+                    self._fire("stop", reason="stopped")
+                    self._finish()
+                    return None
                 if self._fsm_state == m.DRAINING and not self._final:
                     self._after_release(released)
         elif call_due:
@@ -942,7 +954,8 @@ class MutexOwner:
             self._token = token
             if self._stop_requested:
                 # stop() is waiting (for a draining worker, say): never begin a new holding
-                # period. The key now holds our token, so the release at stop deletes it.
+                # period; give the key back when the stop completes.
+                self._unclaimed = token
                 return
             self._on_acquired(result, t_sent, t_recv)
             return

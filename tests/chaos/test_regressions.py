@@ -20,7 +20,7 @@ import threading
 from typing import Any
 
 from mutexowner import BackoffPolicy, Event, MutexOwner, Supervisor, WorkerContext
-from mutexowner.lease import Acquired, Lease, LeaseResult, new_token
+from mutexowner.lease import Acquired, Lease, LeaseKeys, LeaseResult, new_token
 from mutexowner.testing import FakeClock, OwnerDriver, expire_lease, fake_redis, mark_epoch
 
 TTL = 10.0
@@ -151,7 +151,12 @@ def test_a_late_renewal_reply_during_stop_does_not_start_a_new_holding_period() 
         acquired = [e for e in events if e.kind == "acquired"]
         assert len(acquired) == 1, f"a new holding period began after stop(): {acquired}"
         assert not owner.holding
+        # The late reply left the key holding our token: it stays ours (nobody else
+        # starts) while the old worker finishes, and is given back when the stop completes.
+        assert client.hget(LeaseKeys("job").lease, "identity") == b"A"
     finally:
         finish_job.set()
         assert sup.wait_idle(5)
-    assert driver.run_until(lambda: owner.state == "stopped", max_seconds=3 * TTL)
+    assert driver.run_until(lambda: owner.state == "stopped", max_seconds=TTL / 2)
+    assert not client.exists(LeaseKeys("job").lease), "stop() left the key for standbys to wait out"
+    assert [e.kind for e in events].count("released") == 1
