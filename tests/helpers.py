@@ -1,11 +1,11 @@
-"""Helpers shared by the unit tests of the owner and the supervisor."""
+"""Helpers shared by the tests: polling with a deadline, process liveness, event recording."""
 
 from __future__ import annotations
 
-import time
 from typing import Callable, Optional
 
 from mutexowner import Event
+from tests.redis_server import poll, proc_state
 
 #: How long a test waits for a real thread to reach an observable condition.
 REAL_TIMEOUT = 5.0
@@ -14,15 +14,10 @@ REAL_TIMEOUT = 5.0
 def wait_for(predicate: Callable[[], bool], timeout: float = REAL_TIMEOUT) -> bool:
     """Poll an observable condition (real time) until it holds or ``timeout`` passes.
 
-    For conditions other threads make true (a worker started, a thread ended) where no
-    event exists to wait on; returns the condition's final value, so callers assert it.
+    For conditions other threads or processes make true (a worker started, a process
+    ended) where no event exists to wait on; callers assert the result.
     """
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= end:
-            return predicate()
-        time.sleep(0.002)
-    return True
+    return poll(predicate, timeout, interval=0.002)
 
 
 class Recorder:
@@ -46,8 +41,4 @@ class Recorder:
 
 def alive(pid: int) -> bool:
     """True while process ``pid`` exists and is not a zombie (Linux ``/proc``)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            return stat.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
+    return proc_state(pid) not in (None, "Z", "X")

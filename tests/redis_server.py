@@ -45,6 +45,8 @@ __all__ = [
     "RedisServerError",
     "find_redis_server",
     "free_port",
+    "poll",
+    "proc_state",
     "redis_server_version",
 ]
 
@@ -110,7 +112,7 @@ def _answers_ping(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def _proc_state(pid: int) -> Optional[str]:
+def proc_state(pid: int) -> Optional[str]:
     """The one-letter state of ``pid`` from /proc (``T`` = stopped), or None if unknown."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
@@ -120,7 +122,7 @@ def _proc_state(pid: int) -> Optional[str]:
         return None
 
 
-def _poll(condition: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
+def poll(condition: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
     """Poll ``condition`` until it is true or ``timeout`` seconds pass; return its last value."""
     deadline = time.monotonic() + timeout
     while True:
@@ -204,7 +206,7 @@ class RedisServer:
     def frozen(self) -> bool:
         """True while the server process is stopped by SIGSTOP (see `freeze`)."""
         pid = self.pid
-        return pid is not None and _proc_state(pid) in ("T", "t")
+        return pid is not None and proc_state(pid) in ("T", "t")
 
     @property
     def log_path(self) -> Path:
@@ -346,7 +348,7 @@ class RedisServer:
         """Block until the server answers PING (e.g. after `thaw` or while it loads the AOF)."""
         if not self.running:
             raise RedisServerError(f"redis-server on port {self.port} is not running")
-        if not _poll(lambda: _answers_ping(self.host, self.port), timeout, interval=0.02):
+        if not poll(lambda: _answers_ping(self.host, self.port), timeout, interval=0.02):
             raise RedisServerError(
                 f"redis-server on port {self.port} did not answer PING within {timeout} s"
                 f" (frozen={self.frozen})\n{self.log_tail()}"
@@ -409,14 +411,14 @@ class RedisServer:
         """
         pid = self._require_pid("freeze")
         os.kill(pid, signal.SIGSTOP)
-        if not _poll(lambda: _proc_state(pid) in ("T", "t", None), timeout):
+        if not poll(lambda: proc_state(pid) in ("T", "t", None), timeout):
             raise RedisServerError(f"redis-server pid {pid} did not stop within {timeout} s")
 
     def thaw(self, timeout: float = 5.0) -> None:
         """SIGCONT a frozen server and wait until it is no longer stopped (not for PING)."""
         pid = self._require_pid("thaw")
         os.kill(pid, signal.SIGCONT)
-        if not _poll(lambda: _proc_state(pid) not in ("T", "t"), timeout):
+        if not poll(lambda: proc_state(pid) not in ("T", "t"), timeout):
             raise RedisServerError(f"redis-server pid {pid} did not resume within {timeout} s")
 
     def close(self) -> None:

@@ -31,7 +31,7 @@ from tests.chaos.fence_store import FenceStore
 from tests.chaos.ledger import Ledger
 from tests.chaos.owner_proc import FREEZE_IN_GAP, LEASE_NAME, control_path
 from tests.chaos.proxy import PASS, TcpProxy
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, poll, proc_state
 
 __all__ = ["ChaosConfig", "ChaosRig", "OwnerProcess"]
 
@@ -88,23 +88,6 @@ class ChaosConfig:
         ]  # fmt: skip
 
 
-def _proc_state(pid: int) -> Optional[str]:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
-            return stat.read().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def _poll(condition: Callable[[], bool], timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() >= end:
-            return False
-        time.sleep(POLL)
-    return True
-
-
 class OwnerProcess:
     """One ``tests.chaos.owner_proc`` process."""
 
@@ -158,16 +141,16 @@ class OwnerProcess:
 
     @property
     def frozen(self) -> bool:
-        return self.alive and _proc_state(self.pid) in ("T", "t")
+        return self.alive and proc_state(self.pid) in ("T", "t")
 
     def freeze(self) -> None:
         os.kill(self.pid, signal.SIGSTOP)
-        if not _poll(lambda: self.frozen, 5.0):
+        if not poll(lambda: self.frozen, 5.0):
             raise RuntimeError(f"{self.identity} did not stop")
 
     def thaw(self) -> None:
         os.kill(self.pid, signal.SIGCONT)
-        if not _poll(lambda: not self.frozen, 5.0):
+        if not poll(lambda: not self.frozen, 5.0):
             raise RuntimeError(f"{self.identity} did not resume")
 
     def kill(self) -> None:
@@ -408,7 +391,7 @@ class ChaosRig:
             self.admin().execute_command("CLIENT", "PAUSE", int(seconds * 1000), "ALL")
             fault.clear = time.monotonic() + seconds
             self.pause(seconds)
-            _poll(lambda: self._answers(), 10.0)
+            poll(lambda: self._answers(), 10.0)
         return fault
 
     def client_pause_past_deadline(
@@ -434,7 +417,7 @@ class ChaosRig:
             self.admin().execute_command("CLIENT", "PAUSE", int(seconds * 1000), "ALL")
             fault.clear = time.monotonic() + seconds
             self.pause(seconds)
-            _poll(lambda: self._answers(), 10.0)
+            poll(lambda: self._answers(), 10.0)
         return fault
 
     def client_kill(self) -> checker.Fault:
