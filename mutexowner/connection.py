@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
 from redis.retry import Retry
 from redis.sentinel import SentinelConnectionPool
 
@@ -61,6 +62,11 @@ def client_from(redis_or_url: object, *, parameter: str = "redis") -> redis.Redi
         return redis.Redis.from_url(redis_or_url)
     if isinstance(redis_or_url, redis.Redis):
         return redis_or_url
+    if isinstance(redis_or_url, RedisCluster):
+        raise TypeError(
+            f"{parameter}: Redis Cluster clients are not supported; pass a redis.Redis client "
+            "or URL for one node (the lease keys share one hash tag, so one slot)"
+        )
     raise TypeError(
         f"{parameter} must be a redis.Redis client or a URL string, got "
         f"{type(redis_or_url).__name__}"
