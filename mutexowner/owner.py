@@ -683,7 +683,8 @@ class MutexOwner:
                     self._fire("stop", reason="stopped")
                     self._finish()
                     return None
-                release_token, self._unclaimed, unclaimed = self._unclaimed, None, True
+                release_token, unclaimed = self._unclaimed, True
+                self._unclaimed = None
             call_due = release_token is None and (
                 self._next_attempt is not None
                 and self._clock() >= self._next_attempt
@@ -694,13 +695,8 @@ class MutexOwner:
         if release_token is not None:
             released = self._release(release_token)
             with self._lock:
-                if unclaimed and self._fsm_state == m.ACQUIRING and not self._final:
-                    if released:
-                        self._emit("released")
-                    self._fire("stop", reason="stopped")
-                    self._finish()
-                    return None
-                if self._fsm_state == m.DRAINING and not self._final:
+                releasing_from = m.ACQUIRING if unclaimed else m.DRAINING
+                if self._fsm_state == releasing_from and not self._final:
                     self._after_release(released)
         elif call_due:
             self._call_redis()
@@ -842,7 +838,8 @@ class MutexOwner:
             return False
 
     def _after_release(self, released: bool) -> None:
-        """Workers have all exited and the key is released: stop, or contend again later."""
+        """Workers have all exited and the key is released (also a key we never held, taken
+        by a reply that came after stop() was requested): stop, or contend again later."""
         if released:
             self._emit("released")
         self._guard.until = -math.inf
