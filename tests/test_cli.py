@@ -312,7 +312,7 @@ def test_log_lines_of_the_cli_are_redacted(capsys: pytest.CaptureFixture[str]) -
 # -- the runner, on a fakeredis lease, with real child processes ---------------------------
 
 CHILD = """
-import os, signal, sys, time
+import os, signal, sys
 out = sys.argv[1]
 mode = sys.argv[2]
 with open(out, "a") as f:
@@ -332,7 +332,7 @@ if mode == "grandchild":
 with open(out, "a") as f:
     f.write("ready\\n")
 while True:
-    time.sleep(0.05)
+    signal.pause()  # until a signal ends the process
 """
 
 

@@ -7,7 +7,6 @@ that stopped failing would be noticed.
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,7 +19,7 @@ from tests.chaos import checker
 from tests.chaos.fence_store import FenceLogEntry, FenceStore
 from tests.chaos.ledger import Ledger, LedgerWriter, build_runs
 from tests.chaos.proxy import BLACKHOLE, DROP, PASS, TcpProxy
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, poll
 
 TOKEN_A, TOKEN_B = 1_000, 2_000
 
@@ -208,10 +207,7 @@ def test_proxy_passes_drops_and_blackholes(redis_server: RedisServer) -> None:
         assert client.ping()  # the broken connection was dropped; a new one works
         redis_server.client().execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
         # A server-side close reaches the client's side of the proxy.
-        deadline = time.monotonic() + 5
-        while proxy.connections and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert proxy.connections == 0
+        assert poll(lambda: proxy.connections == 0, 5), proxy.connections
         with contextlib.suppress(redis.ConnectionError):
             client.ping()  # the pool may hand out the closed connection once
         assert client.ping()

@@ -18,22 +18,12 @@ import redis
 from mutexowner import BackoffPolicy, Event, MutexOwner, Supervisor, WorkerContext
 from mutexowner.lease import Lease, LeaseKeys
 from tests.chaos.harness import ChaosRig
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, poll
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 
 Record = Callable[..., None]
 FAST = BackoffPolicy(initial=0.05, max_delay=0.5)
-
-
-def poll(condition: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
-    """Poll ``condition`` until true or ``timeout`` seconds pass; its last value."""
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() >= end:
-            return False
-        time.sleep(interval)
-    return True
 
 
 class TimedWorker:
