@@ -6,10 +6,11 @@ down, release. Between turns it waits on a condition until the next due time or 
 event (stop, a release notice, the supervisor). The same turn can be called directly in
 tests (``mutexowner.testing.OwnerDriver``), without the thread and without real time.
 
-Safety rests on the local deadline (DESIGN invariant 3): a lease confirmed by a reply to a
-request sent at ``t_sent`` is trusted until ``t_sent + ttl - drift`` on our own clock, which
-ends before Redis can expire the key. Workers are told to stop ``shutdown_timeout`` before
-that deadline, by this thread and, independently, by the supervisor's own monitor thread.
+Safety rests on the local deadline (docs/safety.md, points 2-3): a lease confirmed by a
+reply to a request sent at ``t_sent`` is trusted until ``t_sent + ttl - drift`` on our own
+clock, which ends before Redis can expire the key. Workers are told to stop
+``shutdown_timeout`` before that deadline, by this thread and, independently, by the
+supervisor's own monitor thread.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ StuckPolicy = Union[str, Callable[[tuple[str, ...]], object]]
 
 
 def drift_for(ttl: float) -> float:
-    """Clock-drift allowance subtracted from every lease: 1 % of ttl plus 2 ms (DESIGN)."""
+    """Clock-drift allowance subtracted from every lease: 1 % of ttl plus 2 ms
+    (docs/safety.md, point 2)."""
     return ttl * 0.01 + 0.002
 
 
@@ -110,7 +112,7 @@ class OwnerStatus:
 
 def _exit_process(message: str, *args: object) -> NoReturn:
     """End the process now (``os._exit``), after at most EXIT_LOG_BUDGET seconds of trying
-    to log why: a log handler that blocks cannot delay the exit (safety invariant 11)."""
+    to log why: a log handler that blocks cannot delay the exit (docs/safety.md, point 8)."""
 
     def say() -> None:
         with contextlib.suppress(BaseException):
@@ -133,8 +135,8 @@ class _DeferredLog:
 
     A log handler may block (a full stderr pipe, a stuck network handler). The owner thread
     never calls one: a blocked handler must not delay a step-down, a renewal or a release,
-    nor hold the lock that ``holding``, ``status()`` and ``stop()`` need (safety invariant
-    11). The lines are written in order with the events; without an events thread (test
+    nor hold the lock that ``holding``, ``status()`` and ``stop()`` need (docs/safety.md,
+    point 8). The lines are written in order with the events; without an events thread (test
     drivers) they are written by the caller of ``flush``.
     """
 
@@ -741,7 +743,7 @@ class MutexOwner:
         """Do what is due now; return seconds until something is due again (None: only events).
 
         Safety actions happen inside the turn; a stuck-worker policy and the turn's log
-        lines come after it, outside the lock (safety invariant 11).
+        lines come after it, outside the lock (docs/safety.md, point 8).
         """
         try:
             return self._turn()
@@ -1169,7 +1171,8 @@ class MutexOwner:
         self._seen_holder = None
         if result.lock_delay > 0:
             # Redis lost its state recently: a lease granted before the loss may still be
-            # running on its holder's clock until the quiet period ends (invariant 7).
+            # running on its holder's clock until the quiet period ends (docs/safety.md,
+            # point 5).
             # Counted from the reply, which comes after Redis computed the delay.
             self._settle_until = t_recv + result.lock_delay + self.drift
             self._guard.until = -math.inf

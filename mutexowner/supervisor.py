@@ -417,7 +417,7 @@ class Supervisor:
             self._stop_requested = True
             # Signal the workers here, not only from the monitor: the owner's step-down must
             # not depend on the monitor thread, which may be busy (or blocked in a log
-            # handler) at this moment (safety invariant 11).
+            # handler) at this moment (docs/safety.md, point 8).
             self._signal_runs(list(self._runs))
             self._cond.notify_all()
             monitor = self._monitor
