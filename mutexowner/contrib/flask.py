@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional, Union
 import click
 from flask import Blueprint, Flask, current_app, jsonify, request
 from flask.cli import AppGroup
+from werkzeug.utils import import_string
 
 from mutexowner.contrib._runtime import (
     ProcessOwner,
@@ -103,7 +104,7 @@ def read_config(
                 "use one"
             )
         values["WORKERS"] = list(workers)
-    return parse_settings(values, name=config_name)
+    return parse_settings(values, name=config_name, importer=import_string)
 
 
 class MutexOwnerState:

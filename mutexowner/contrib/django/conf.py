@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import import_string
 
 from mutexowner.contrib._settings import KEYS, OwnerSettings, parse_settings
 
@@ -76,7 +77,9 @@ def read_settings(value: object) -> OwnerSettings:
             )
         _check_keys(f'{SETTING}["SUPERVISOR"]', supervisor, SUPERVISOR_KEYS)
         flat.update(supervisor)
-    return parse_settings(flat, name=setting_name, error=ImproperlyConfigured)
+    return parse_settings(
+        flat, name=setting_name, error=ImproperlyConfigured, importer=import_string
+    )
 
 
 def get_settings() -> OwnerSettings:
