@@ -17,7 +17,7 @@ from typing import Any, Optional, TextIO
 
 from mutexowner import __version__
 from mutexowner.connection import client_from, redact_text, redact_url
-from mutexowner.inspection import STATUS_ERROR, LeaseReader, LeaseView
+from mutexowner.inspection import STATUS_ERROR, LeaseReader, format_view
 from mutexowner.runner import (
     EXIT_GAVE_UP,
     EXIT_INTERNAL,
@@ -32,7 +32,7 @@ from mutexowner.runner import (
     check_command,
 )
 
-__all__ = ["build_parser", "main", "parse_args", "status", "status_text"]
+__all__ = ["build_parser", "main", "parse_args", "status"]
 
 log = logging.getLogger("mutexowner.cli")
 
@@ -403,42 +403,8 @@ def status(
     if as_json:
         out.write(json.dumps(view.as_dict(), sort_keys=True) + "\n")
     else:
-        out.write(status_text(view))
+        out.write(format_view(view))
     return view.exit_code
-
-
-def status_text(view: LeaseView) -> str:
-    """The human-readable ``status`` report of a lease read without error."""
-    lines = [f"lease {view.name!r} ({view.key} on {view.redis}): {'held' if view.held else 'free'}"]
-    if view.held:
-        ttl = "no expiry (set by hand?)" if view.ttl_left is None else f"{view.ttl_left:.3f} s"
-        if view.held_by_this_host is None:
-            where = "unknown (the identity does not start with <hostname>:<pid>:)"
-        elif view.held_by_this_host:
-            where = f"yes ({view.host}, pid {view.holder_pid})"
-        else:
-            where = f"no (held on {view.holder_host}; this is {view.host})"
-        lines += [
-            f"  holder           {view.holder}",
-            f"  on this host     {where}",
-            f"  ttl left         {ttl}",
-            f"  fencing token    {view.fencing_token}",
-        ]
-    counter = view.fencing_counter
-    lines.append(
-        f"  fencing counter  {counter if counter is not None else 'none (never acquired here)'}"
-    )
-    if view.lock_delay_remaining > 0:
-        lines.append(
-            f"  lock-delay       {view.lock_delay_remaining:.3f} s left: Redis lost its state, "
-            "a new holder waits before starting workers"
-        )
-    if not view.epoch_present:
-        lines.append(
-            "  epoch marker     missing: the next acquisition waits one ttl (a fresh Redis, "
-            "or one that lost its data)"
-        )
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -42,6 +42,7 @@ __all__ = [
     "LeaseView",
     "RedisCheck",
     "check_redis",
+    "format_view",
     "parse_identity",
 ]
 
@@ -230,6 +231,42 @@ class LeaseReader:
             lease, self._lease = self._lease, None
         if lease is not None:
             lease.client.connection_pool.disconnect()
+
+
+def format_view(view: LeaseView) -> str:
+    """The human-readable report of every status command (``error`` line when Redis failed)."""
+    if view.error is not None:
+        return f"lease {view.name!r} ({view.key} on {view.redis}): error: {view.error}\n"
+    lines = [f"lease {view.name!r} ({view.key} on {view.redis}): {'held' if view.held else 'free'}"]
+    if view.held:
+        ttl = "no expiry (set by hand?)" if view.ttl_left is None else f"{view.ttl_left:.3f} s"
+        if view.held_by_this_host is None:
+            where = "unknown (the identity does not start with <hostname>:<pid>:)"
+        elif view.held_by_this_host:
+            where = f"yes ({view.host}, pid {view.holder_pid})"
+        else:
+            where = f"no (held on {view.holder_host}; this is {view.host})"
+        lines += [
+            f"  holder           {view.holder}",
+            f"  on this host     {where}",
+            f"  ttl left         {ttl}",
+            f"  fencing token    {view.fencing_token}",
+        ]
+    counter = view.fencing_counter
+    lines.append(
+        f"  fencing counter  {counter if counter is not None else 'none (never acquired here)'}"
+    )
+    if view.lock_delay_remaining > 0:
+        lines.append(
+            f"  lock-delay       {view.lock_delay_remaining:.3f} s left: Redis lost its state, "
+            "a new holder waits before starting workers"
+        )
+    if not view.epoch_present:
+        lines.append(
+            "  epoch marker     missing: the next acquisition waits one ttl (a fresh Redis, "
+            "or one that lost its data)"
+        )
+    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)
