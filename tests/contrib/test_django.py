@@ -257,6 +257,12 @@ def test_gunicorn_preload_master_never_holds_the_lease(
         assert f":{master}:" not in str(info.holder)
         # Every process that answered is a worker; none of them is the master.
         assert all(answer["pid"] != master for _, answer in answers)
+        # ?require=holding depends on which worker answers; ?require=host does not: every
+        # worker reads the holder from Redis and finds it on this host.
+        host_url = url.replace("require=holding", "require=host")
+        for _ in range(6):
+            code, seen = _get(host_url)
+            assert code == 200 and seen["lease"]["holder"] == info.holder, seen
         proc.send(signal.SIGTERM)
         assert proc.finish(30) == 0, proc.describe()
     # Released by the worker's exit, not expired: the ttl (5 s) has not run out.
