@@ -388,3 +388,40 @@ def test_an_invalid_setting_error_names_its_key(settings: dict[str, Any], settin
     with pytest.raises(ImproperlyConfigured) as info:
         read_settings(settings)
     assert getattr(info.value, "setting", None) == setting
+
+
+# -- Django system checks (no configured Django needed) ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "check_id", "hint"),
+    [
+        (None, "mutexowner.E001", "Add to settings.py: MUTEXOWNER = {"),
+        ([1], "mutexowner.E002", "keys are upper case"),
+        (django(ttl=3), "mutexowner.E002", "keys are upper case"),
+        (django(SUPERVISOR={"RESTARTS": 1}), "mutexowner.E002", "keys are upper case"),
+        (django(REDIS_URL=f"http://u:{SECRET}@h"), "mutexowner.E003", "Use a URL such as"),
+        (django(KEY="a{b}"), "mutexowner.E004", "the same on every node"),
+        (django(IDENTITY=""), "mutexowner.E004", "Leave IDENTITY unset"),
+        (django(TTL=0), "mutexowner.E005", "lease's length in seconds"),
+        (
+            django(TTL=3, WORKERS=[sample_worker], SUPERVISOR={"SHUTDOWN_TIMEOUT": 3}),
+            "mutexowner.E005",
+            "RENEW_INTERVAL + SUPERVISOR.SHUTDOWN_TIMEOUT < TTL - drift",
+        ),
+        (django(WORKERS=["no_such_module_xyz.run"]), "mutexowner.E006", "list of dotted paths"),
+        (django(OUTAGE="ignore"), "mutexowner.E007", '"step_down" (default, safe)'),
+    ],
+)
+def test_django_system_check_ids_and_hints(value: object, check_id: str, hint: str) -> None:
+    from mutexowner.contrib.django.checks import setting_errors
+
+    (error,) = setting_errors(value)
+    assert error.id == check_id and hint in error.hint
+    assert error.is_serious() and SECRET not in error.msg
+
+
+def test_valid_django_settings_pass_the_checks() -> None:
+    from mutexowner.contrib.django.checks import setting_errors
+
+    assert setting_errors(django(WORKERS=[f"{__name__}.sample_worker"])) == []

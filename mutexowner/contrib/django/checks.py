@@ -28,7 +28,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from mutexowner.contrib.django.conf import SETTING, STRUCTURE, read_settings
 
-__all__ = ["CHECK_IDS", "check_settings"]
+__all__ = ["CHECK_IDS", "check_settings", "setting_errors"]
 
 #: Check ID and hint per setting (canonical key; ``STRUCTURE`` for the dicts themselves).
 CHECK_IDS: dict[str, tuple[str, str]] = {
@@ -88,16 +88,9 @@ _MISSING_HINT = (
 )
 
 
-def check_settings(app_configs: Optional[Any] = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """Validate ``settings.MUTEXOWNER``; one ``Error`` with an ID and a hint per problem
-    found (validation stops at the first one)."""
-    from django.conf import settings
-
-    if app_configs is not None and not any(
-        getattr(config, "label", None) == "mutexowner" for config in app_configs
-    ):
-        return []
-    value = getattr(settings, SETTING, None)
+def setting_errors(value: object) -> list[checks.CheckMessage]:
+    """The check messages for ``value``, the value of ``settings.MUTEXOWNER`` (None when
+    it is not set): an empty list when it is valid."""
     if value is None:
         return [
             checks.Error(
@@ -111,6 +104,18 @@ def check_settings(app_configs: Optional[Any] = None, **kwargs: Any) -> list[che
         check_id, hint = CHECK_IDS.get(setting, CHECK_IDS[STRUCTURE])
         return [checks.Error(str(exc), hint=hint, id=check_id)]
     return []
+
+
+def check_settings(app_configs: Optional[Any] = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Validate ``settings.MUTEXOWNER``: one ``Error`` with an ID and a hint for the first
+    problem found (registered with Django's checks framework, tag ``mutexowner``)."""
+    from django.conf import settings
+
+    if app_configs is not None and not any(
+        getattr(config, "label", None) == "mutexowner" for config in app_configs
+    ):
+        return []
+    return setting_errors(getattr(settings, SETTING, None))
 
 
 checks.register(check_settings, "mutexowner")
