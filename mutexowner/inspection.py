@@ -32,6 +32,7 @@ from mutexowner.lease import (
     Lease,
     LeaseInfo,
     classify_error,
+    validate_name,
 )
 
 __all__ = [
@@ -182,17 +183,18 @@ class LeaseReader:
         where: Optional[str] = None,
     ) -> None:
         self._base = client_from(redis, parameter=parameter)
-        self.name = name
-        self.prefix = prefix
+        self.name = validate_name(name, "name")
+        self.prefix = validate_name(prefix, "prefix")
         self.timeout = timeout
         #: Where Redis is, password hidden (``where``, or a description of the client).
         self.where = describe_client(self._base) if where is None else where
         self._lock = threading.Lock()
         self._lease: Optional[Lease] = None
         self._pid = -1
-        self._lease_for_check()  # validates name and prefix now
 
-    def _lease_for_check(self) -> Lease:
+    def _current_lease(self) -> Lease:
+        if self._pid != os.getpid():  # new, or forked: the parent's lock may be held
+            self._lock = threading.Lock()
         with self._lock:
             if self._lease is None or self._pid != os.getpid():
                 client = derive_lease_client(self._base, timeout=self.timeout)
@@ -205,11 +207,11 @@ class LeaseReader:
     @property
     def client(self) -> redis.Redis:
         """The reader's own bounded client (for extra checks such as ``check_redis``)."""
-        return self._lease_for_check().client
+        return self._current_lease().client
 
     def read(self) -> LeaseView:
         """One round trip: the lease as Redis sees it now, or a view with ``error`` set."""
-        lease = self._lease_for_check()
+        lease = self._current_lease()
         try:
             info = lease.inspect()
         except Exception as exc:
@@ -290,7 +292,7 @@ def check_redis(reader: LeaseReader) -> RedisCheck:
     read-only ``inspect`` call. Stops at the first failure; never raises."""
     steps: list[tuple[str, bool, str]] = []
     client = reader.client
-    lease = reader._lease_for_check()
+    lease = reader._current_lease()
 
     def step(name: str, call: Any, describe: Any) -> bool:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 from typing import Any, Optional
 
@@ -139,3 +140,19 @@ def test_status_text_says_whether_this_host_runs_the_holder(identity: str, expec
     assert cli.status(client, "job", as_json=True, out=out, err=io.StringIO()) == STATUS_HELD
     data = json.loads(out.getvalue())
     assert data["holder"] == identity and data["host"] == HOST
+
+
+def test_a_reader_keeps_working_in_a_forked_child() -> None:
+    """A gunicorn worker inherits the reader its master made (``--preload``): the child gets
+    its own connection and lease object instead of failing the fork check."""
+    client = fake_redis("job")
+    acquire(client, "job", "web-1:1:a")
+    reader = LeaseReader(client, "job")
+    assert reader.read().holder == "web-1:1:a"
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only
+        view = reader.read()
+        os._exit(0 if view.error is None and view.holder == "web-1:1:a" else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert reader.read().holder == "web-1:1:a"  # the parent's reader is untouched
