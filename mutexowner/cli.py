@@ -386,7 +386,14 @@ def status(
     where = redact_url(redis) if isinstance(redis, str) else "the given client"
     try:
         reader = LeaseReader(
-            redis, name, prefix=prefix, timeout=STATUS_TIMEOUT, parameter="--redis", where=where
+            redis,
+            name,
+            prefix=prefix,
+            timeout=STATUS_TIMEOUT,
+            where=where,
+            parameter="--redis",
+            name_parameter="--key",
+            prefix_parameter="--prefix",
         )
     except (TypeError, ValueError) as exc:
         _error(err, "status", str(exc))

@@ -170,6 +170,8 @@ class LeaseReader:
     to the same server with ``timeout``-second socket timeouts and no retries, so a read
     never blocks longer than about ``timeout`` (twice that if Redis forgot the script).
     ``read()`` never raises for a Redis problem: the returned view carries ``error``.
+    ``parameter``, ``name_parameter`` and ``prefix_parameter`` name the arguments in error
+    messages (a command line says ``--redis``, ``--key``, ``--prefix``).
     """
 
     def __init__(
@@ -181,10 +183,12 @@ class LeaseReader:
         timeout: float = DEFAULT_TIMEOUT,
         parameter: str = "redis",
         where: Optional[str] = None,
+        name_parameter: str = "name",
+        prefix_parameter: str = "prefix",
     ) -> None:
         self._base = client_from(redis, parameter=parameter)
-        self.name = validate_name(name, "name")
-        self.prefix = validate_name(prefix, "prefix")
+        self.name = validate_name(name, name_parameter)
+        self.prefix = validate_name(prefix, prefix_parameter)
         self.timeout = timeout
         #: Where Redis is, password hidden (``where``, or a description of the client).
         self.where = describe_client(self._base) if where is None else where

@@ -156,3 +156,12 @@ def test_a_reader_keeps_working_in_a_forked_child() -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert reader.read().holder == "web-1:1:a"  # the parent's reader is untouched
+
+
+def test_status_names_the_command_line_option_of_a_bad_argument() -> None:
+    err = io.StringIO()
+    assert cli.status(fake_redis(), "a{b", out=io.StringIO(), err=err) == STATUS_ERROR
+    assert err.getvalue().startswith("mutexowner status: --key must not contain")
+    err = io.StringIO()
+    assert cli.status("http://u:pw@h", "job", out=io.StringIO(), err=err) == STATUS_ERROR
+    assert "--redis must be" in err.getvalue() and "pw" not in err.getvalue()
