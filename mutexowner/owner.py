@@ -254,7 +254,8 @@ class MutexOwner:
         rng: Optional[random.Random] = None,
     ) -> None:
         self.key = validate_name(name, "name")
-        validate_name(prefix, "prefix")
+        #: Prefix of the lease's Redis keys (``<prefix>:{<name>}:...``).
+        self.prefix = validate_name(prefix, "prefix")
         self.ttl = finite_number("ttl", ttl)
         if self.ttl <= 0:
             raise ValueError(f"ttl must be a finite number > 0 (seconds), got {ttl!r}")
@@ -567,6 +568,12 @@ class MutexOwner:
     def remove_listener(self, listener: Listener) -> None:
         """Stop calling ``listener``; ValueError if it was not added."""
         self._events.remove(listener)
+
+    @property
+    def redis_client(self) -> Any:
+        """The Redis client this owner was given (or built from a URL). The owner's own lease
+        calls use a connection derived from it, with their own short timeouts."""
+        return self._base_client
 
     def __repr__(self) -> str:
         return (
@@ -1154,7 +1161,7 @@ class MutexOwner:
                 self._workers_failures = 0  # the workers have been healthy for a while
         if self._fsm_state == m.SUSPENDED:
             self._fire("renewed")
-        self._emit("renewed")
+        self._emit("renewed", latency=t_recv - t_sent)
 
     def _on_acquired(self, result: LeaseResult, t_sent: float, t_recv: float) -> None:
         assert isinstance(result, (Acquired, Renewed, Retaken))

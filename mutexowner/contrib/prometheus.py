@@ -92,16 +92,9 @@ class _Attached:
             metrics._count(event)
 
 
-def _reader_for(owner: MutexOwner, timeout: float) -> Optional[LeaseReader]:
-    """A ``LeaseReader`` on the owner's Redis server and key prefix (None if unknown)."""
-    # Public attributes if the owner has them; its internals otherwise.
-    client = getattr(owner, "redis_client", None) or getattr(owner, "_base_client", None)
-    prefix = getattr(owner, "prefix", None)
-    if prefix is None:
-        prefix = getattr(getattr(getattr(owner, "_lease", None), "keys", None), "prefix", None)
-    if client is None or not isinstance(prefix, str):
-        return None
-    return LeaseReader(client, owner.key, prefix=prefix, timeout=timeout)
+def _reader_for(owner: MutexOwner, timeout: float) -> LeaseReader:
+    """A ``LeaseReader`` on the owner's Redis server and key prefix."""
+    return LeaseReader(owner.redis_client, owner.key, prefix=owner.prefix, timeout=timeout)
 
 
 class _Gauges(Collector):
