@@ -702,7 +702,10 @@ class Supervisor:
         with self._cond:
             runs = list(self._runs)
             self._signal_runs(runs)
-            budget_end = self._clock() + self.shutdown_timeout
+            # The budget runs from the first signal, which stop() may have sent before this
+            # thread got here.
+            signalled = self._signalled_at if self._signalled_at is not None else self._clock()
+            budget_end = signalled + self.shutdown_timeout
         if message:
             log.log(level, message, *args)
         for run in reversed(runs):
