@@ -31,7 +31,6 @@ from transitions import EventData
 from transitions.extensions import LockedMachine
 
 from mutexowner import machine as m
-from mutexowner._validate import finite_number
 from mutexowner.backoff import BackoffPolicy
 from mutexowner.clock import SAFETY_WAIT_CAP, Clock, default_clock, wait_on
 from mutexowner.connection import (
@@ -56,6 +55,7 @@ from mutexowner.lease import (
 )
 from mutexowner.notify import ReleaseListener
 from mutexowner.supervisor import Supervisor
+from mutexowner.timing import LeaseTiming, drift_for
 
 __all__ = ["MutexOwner", "OwnerStatus", "drift_for"]
 
@@ -79,12 +79,6 @@ OUTSTANDING_TOKENS = 8
 MACHINE_NAME_PREFIX = "mutexowner["
 
 StuckPolicy = Union[str, Callable[[tuple[str, ...]], object]]
-
-
-def drift_for(ttl: float) -> float:
-    """Clock-drift allowance subtracted from every lease: 1 % of ttl plus 2 ms
-    (docs/safety.md, point 2)."""
-    return ttl * 0.01 + 0.002
 
 
 @dataclass(frozen=True)
@@ -256,27 +250,6 @@ class MutexOwner:
         self.key = validate_name(name, "name")
         #: Prefix of the lease's Redis keys (``<prefix>:{<name>}:...``).
         self.prefix = validate_name(prefix, "prefix")
-        self.ttl = finite_number("ttl", ttl)
-        if self.ttl <= 0:
-            raise ValueError(f"ttl must be a finite number > 0 (seconds), got {ttl!r}")
-        self.drift = drift_for(self.ttl)
-        if renew_interval is None:
-            self.renew_interval = self.ttl / 3
-        else:
-            self.renew_interval = finite_number("renew_interval", renew_interval)
-            if not 0 < self.renew_interval < self.ttl:
-                raise ValueError(
-                    f"renew_interval must be > 0 and < ttl ({self.ttl:g}), got {renew_interval!r}"
-                )
-        if call_timeout is None:
-            self.call_timeout = min(1.0, self.renew_interval / 3)
-        else:
-            self.call_timeout = finite_number("call_timeout", call_timeout)
-            if not 0 < self.call_timeout <= self.renew_interval:
-                raise ValueError(
-                    f"call_timeout must be > 0 and <= renew_interval "
-                    f"({self.renew_interval:g}), got {call_timeout!r}"
-                )
         if backoff is not None and not isinstance(backoff, BackoffPolicy):
             raise TypeError(
                 f"backoff must be a BackoffPolicy or None, got {type(backoff).__name__}"
@@ -287,16 +260,18 @@ class MutexOwner:
                 f"supervisor must be a Supervisor or None, got {type(supervisor).__name__}"
             )
         self.supervisor = supervisor
-        shutdown = supervisor.shutdown_timeout if supervisor is not None else 0.0
-        if supervisor is not None and not self.renew_interval + shutdown < self.ttl - self.drift:
-            raise ValueError(
-                f"renew_interval ({self.renew_interval:g}) + supervisor shutdown_timeout "
-                f"({shutdown:g}) must be < ttl - drift ({self.ttl - self.drift:g} for ttl="
-                f"{self.ttl:g}): workers are told to stop shutdown_timeout before the lease "
-                f"deadline, which must come after the first renewal. Lower shutdown_timeout "
-                f"or renew_interval, or raise ttl."
-            )
-        self._shutdown_budget = shutdown
+        #: The lease's numbers (ttl, renew interval, call timeout, drift, shutdown budget).
+        self.timing = LeaseTiming.of(
+            ttl,
+            renew_interval,
+            call_timeout,
+            shutdown_budget=supervisor.shutdown_timeout if supervisor is not None else 0.0,
+        )
+        self.ttl = self.timing.ttl
+        self.drift = self.timing.drift
+        self.renew_interval = self.timing.renew_interval
+        self.call_timeout = self.timing.call_timeout
+        self._shutdown_budget = self.timing.shutdown_budget
         if identity is None:
             identity = _default_identity()
         if not isinstance(identity, str) or not identity.strip() or "\n" in identity:
@@ -1139,7 +1114,7 @@ class MutexOwner:
             return
         # Renewal of a lease we hold.
         self._fence = result.fencing_token
-        self._deadline = t_sent + self.ttl - self.drift
+        self._deadline = self.timing.deadline(t_sent)
         self._guard.until = None if self.outage == "keep_running" else self._deadline
         self._next_attempt = t_sent + self.renew_interval
         if self._fsm_state == m.SETTLING and isinstance(result, Retaken) and result.lock_delay > 0:
@@ -1165,13 +1140,13 @@ class MutexOwner:
 
     def _on_acquired(self, result: LeaseResult, t_sent: float, t_recv: float) -> None:
         assert isinstance(result, (Acquired, Renewed, Retaken))
-        if t_recv >= t_sent + self.ttl - self.drift:
+        if t_recv >= self.timing.deadline(t_sent):
             # The reply took longer than the lease itself: it confirms nothing. The key holds
             # our token, so the next attempt (now) renews it idempotently if it still can.
             self._next_attempt = t_recv
             return
         self._fence = result.fencing_token
-        self._deadline = t_sent + self.ttl - self.drift
+        self._deadline = self.timing.deadline(t_sent)
         self._next_attempt = t_sent + self.renew_interval
         self._stop_signalled_at = None
         self._stuck_reported = False

@@ -12,7 +12,7 @@ import contextlib
 import math
 import pkgutil
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import redis
@@ -20,8 +20,9 @@ import redis
 from mutexowner.connection import client_from, describe_client, redact_text, redact_url
 from mutexowner.errors import MutexOwnerError
 from mutexowner.lease import validate_name
-from mutexowner.owner import OUTAGE_MODES, STUCK_POLICIES, MutexOwner, StuckPolicy, drift_for
+from mutexowner.owner import OUTAGE_MODES, STUCK_POLICIES, MutexOwner, StuckPolicy
 from mutexowner.supervisor import Supervisor
+from mutexowner.timing import LeaseTiming, TimingError, TimingNames
 
 __all__ = [
     "DEFAULT_SHUTDOWN_TIMEOUT",
@@ -102,12 +103,16 @@ class OwnerSettings:
     autostart: bool = False
     prefix: str = "mutexowner"
     prometheus: bool = False
-    #: The renew interval the owner will use (``renew_interval`` or ttl/3).
-    effective_renew_interval: float = field(init=False)
 
-    def __post_init__(self) -> None:
-        renew = self.ttl / 3 if self.renew_interval is None else self.renew_interval
-        object.__setattr__(self, "effective_renew_interval", renew)
+    @property
+    def timing(self) -> LeaseTiming:
+        """The lease's numbers as the owner will use them (validated by ``parse_settings``)."""
+        return LeaseTiming.of(self.ttl, self.renew_interval)
+
+    @property
+    def effective_renew_interval(self) -> float:
+        """The renew interval the owner will use (``renew_interval`` or ttl/3)."""
+        return self.timing.renew_interval
 
     @property
     def redis_description(self) -> str:
@@ -375,30 +380,27 @@ def parse_settings(
     ttl = r.seconds("TTL", 10.0)
     assert ttl is not None
     renew = r.seconds("RENEW_INTERVAL", None)
-    if renew is not None and not renew < ttl:
-        raise r.fail(
-            f"{name('RENEW_INTERVAL')} must be > 0 and < {name('TTL')} ({ttl:g}), got {renew!r}",
-            key="RENEW_INTERVAL",
-        )
-    effective_renew = ttl / 3 if renew is None else renew
+    names = TimingNames(
+        ttl=name("TTL"), renew_interval=name("RENEW_INTERVAL"), shutdown=name("SHUTDOWN_TIMEOUT")
+    )
+    try:
+        timing = LeaseTiming.of(ttl, renew, names=names)
+    except TimingError as exc:
+        raise r.fail(str(exc), key="RENEW_INTERVAL") from None
     workers = r.workers()
-    slack = ttl - drift_for(ttl) - effective_renew
     shutdown = r.seconds("SHUTDOWN_TIMEOUT", None, allow_zero=True)
     if shutdown is None:
         # The library's default when it fits the timing rule; otherwise half the time
         # between the first renewal and the lease deadline (small TTLs in tests and demos).
+        slack = timing.slack
         shutdown = (
             DEFAULT_SHUTDOWN_TIMEOUT if slack > DEFAULT_SHUTDOWN_TIMEOUT else round(slack / 2, 3)
         )
-    if workers and not shutdown < slack:
-        raise r.fail(
-            f"{name('RENEW_INTERVAL')} ({effective_renew:g}) + {name('SHUTDOWN_TIMEOUT')} "
-            f"({shutdown:g}) must be < {name('TTL')} - drift ({ttl - drift_for(ttl):g}): "
-            f"workers are told to stop SHUTDOWN_TIMEOUT before the lease deadline, which must "
-            "come after the first renewal. Lower SHUTDOWN_TIMEOUT or RENEW_INTERVAL, or raise "
-            "TTL.",
-            key="SHUTDOWN_TIMEOUT",
-        )
+    if workers:
+        try:
+            timing.with_shutdown_budget(shutdown)
+        except TimingError as exc:
+            raise r.fail(str(exc), key="SHUTDOWN_TIMEOUT") from None
     max_seconds = r.seconds("MAX_SECONDS", 5.0)
     assert max_seconds is not None
     return OwnerSettings(

@@ -51,8 +51,9 @@ from mutexowner.contrib._settings import (
     WorkerTarget,
     parse_settings,
 )
-from mutexowner.owner import MutexOwner, drift_for
+from mutexowner.owner import MutexOwner
 from mutexowner.supervisor import Supervisor
+from mutexowner.timing import LeaseTiming, TimingError, TimingNames
 
 __all__ = [
     "CONFIG_PREFIX",
@@ -243,14 +244,20 @@ class MutexOwnerExtension:
 
 
 def _check_timing(settings: OwnerSettings, supervisor: Supervisor) -> None:
-    renew = settings.effective_renew_interval
-    limit = settings.ttl - drift_for(settings.ttl)
-    if not renew + supervisor.shutdown_timeout < limit:
-        raise ConfigurationError(
-            f"{config_name('RENEW_INTERVAL')} ({renew:g}) + the supervisor's shutdown_timeout "
-            f"({supervisor.shutdown_timeout:g}) must be < {config_name('TTL')} - drift "
-            f"({limit:g}); lower shutdown_timeout or raise TTL"
+    names = TimingNames(
+        ttl=config_name("TTL"),
+        renew_interval=config_name("RENEW_INTERVAL"),
+        shutdown="the supervisor's shutdown_timeout",
+    )
+    try:
+        LeaseTiming.of(
+            settings.ttl,
+            settings.renew_interval,
+            shutdown_budget=supervisor.shutdown_timeout,
+            names=names,
         )
+    except TimingError as exc:
+        raise ConfigurationError(str(exc)) from None
 
 
 def get_state(app: Optional[Flask] = None) -> MutexOwnerState:
