@@ -325,7 +325,7 @@ class MutexOwner:
         self._guard = _Guard()
         self._log = _DeferredLog(log, self._events.submit)
         if supervisor is not None:
-            supervisor._bind(
+            supervisor.attach(
                 clock=self._clock, guard=self._guard, key=self.key, hook=self._supervisor_hook
             )
         self._listener: Optional[ReleaseListener] = None
@@ -634,12 +634,8 @@ class MutexOwner:
             self._listener.stop()
         self._events.stop()
 
-    def _supervisor_threads(self) -> list[threading.Thread]:
-        sup = self.supervisor
-        if sup is None:
-            return []
-        with sup._lock:
-            return [run.thread for run in sup._runs]
+    def _supervisor_threads(self) -> tuple[threading.Thread, ...]:
+        return self.supervisor.threads() if self.supervisor is not None else ()
 
     # -- outside events -------------------------------------------------------------------
 
@@ -1131,7 +1127,7 @@ class MutexOwner:
             )
         sup = self.supervisor
         if sup is not None:
-            sup._lease_changed()
+            sup.lease_changed()
             if sup.running and sup.restarts == 0:
                 self._workers_failures = 0  # the workers have been healthy for a while
         if self._fsm_state == m.SUSPENDED:

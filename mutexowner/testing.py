@@ -18,7 +18,6 @@ driver jumps straight to the next moment the owner has something to do.
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any, Callable, Optional
 
 from mutexowner.errors import OwnerStoppedError
@@ -108,22 +107,7 @@ class OwnerDriver:
         sup = self.owner.supervisor
         if sup is None:
             return True
-        end = time.monotonic() + (self.settle_timeout if timeout is None else timeout)
-
-        def settled() -> bool:
-            if sup._busy or (sup._stop_requested and sup.running):
-                return False
-            if any(not exit_.expected for exit_ in sup._exits):
-                return False  # the monitor has yet to see a worker that ended
-            return not any(run.ctx.stopping.is_set() and not run.done for run in sup._runs)
-
-        with sup._cond:
-            while not settled():
-                remaining = end - time.monotonic()
-                if remaining <= 0:
-                    return False
-                sup._cond.wait(min(remaining, _REAL_POLL))
-        return True
+        return sup.wait_settled(self.settle_timeout if timeout is None else timeout)
 
     def advance(self, seconds: float) -> Optional[float]:
         """Advance fake time by ``seconds``, then step."""
