@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from typing import Any, Optional, TextIO
 
@@ -32,7 +33,7 @@ from mutexowner.runner import (
     check_command,
 )
 
-__all__ = ["build_parser", "main", "parse_args", "status"]
+__all__ = ["build_parser", "check", "main", "parse_args", "status"]
 
 log = logging.getLogger("mutexowner.cli")
 
@@ -42,7 +43,9 @@ REDIS_URL_ENV = "REDIS_URL"
 STATUS_TIMEOUT = 2.0
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 #: Log level per command when --log-level is not given.
-DEFAULT_LOG_LEVEL = {"run": "info", "status": "warning", "demo": "error"}
+DEFAULT_LOG_LEVEL = {"run": "info", "status": "warning", "demo": "error", "acl": "warning"}
+#: ``status --check``: a permission the lease uses is missing.
+EXIT_PERMISSIONS = 4
 
 EXIT_CODES = f"""\
 exit status:
@@ -252,7 +255,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(status_parser, redis_help=f"Redis URL (default: ${REDIS_URL_ENV})")
     _add_lease(status_parser)
     status_parser.add_argument("--json", action="store_true", help="print one JSON object")
+    status_parser.add_argument(
+        "--check",
+        action="store_true",
+        help="instead, check (without taking the lease) that the Redis user may run the "
+        f"lease and use its channels; print what is missing in ACL terms; exit {EXIT_OK} when "
+        f"nothing is, {EXIT_PERMISSIONS} when something is, {EXIT_USAGE} on error",
+    )
+    _add_acl_parser(commands)
     return parser
+
+
+def _add_acl_parser(commands: Any) -> None:
+    acl = commands.add_parser(
+        "acl",
+        help="print the least-privilege Redis ACL of a lease",
+        description="Print the ACL rules a Redis user needs for one lease, and nothing more:\n"
+        "an ACL SETUSER line for redis-cli, the same for a shell, and a users.acl line.",
+        epilog="examples:\n  mutexowner acl --key nightly-backup --user backup-lease\n"
+        "  mutexowner status --redis redis://backup-lease:PASSWORD@host:6379/0 "
+        "--key nightly-backup --check",
+        formatter_class=_Formatter,
+    )
+    _add_lease(acl)
+    acl.add_argument(
+        "--user", default="mutexowner", help="the Redis user name (default: mutexowner)"
+    )
+    acl.add_argument(
+        "--db", type=int, default=0, metavar="N", help="database number (non-zero adds +select)"
+    )
 
 
 def _configure_logging(level_name: str) -> None:
@@ -312,6 +343,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _cmd_demo(args)
         if name == "run":
             return _cmd_run(args)
+        if name == "acl":
+            return _cmd_acl(args)
+        if args.check:
+            return check(_redis_url(args), args.key, prefix=args.prefix)
         return status(_redis_url(args), args.key, prefix=args.prefix, as_json=args.json)
     except Exception as exc:
         log.critical("mutexowner %s failed: %s", name, redact_text(repr(exc)), exc_info=True)
@@ -399,6 +434,71 @@ def status(
     else:
         out.write(_status_text(info, name, where, LeaseKeys(name, prefix)))
     return EXIT_OK if info.held else EXIT_STATUS_FREE
+
+
+def _cmd_acl(args: argparse.Namespace) -> int:
+    from mutexowner.acl import acl_rules, acl_setuser, users_acl_line
+
+    try:
+        rules = acl_rules(args.key, prefix=args.prefix, db=args.db)
+    except (TypeError, ValueError) as exc:
+        _error(sys.stderr, "acl", str(exc))
+        return EXIT_USAGE
+    if not args.user or any(c.isspace() for c in args.user):
+        _error(sys.stderr, "acl", f"--user must be a non-empty name without spaces: {args.user!r}")
+        return EXIT_USAGE
+    shell = " ".join(shlex.quote(part) for part in acl_setuser(args.user, rules).split(" "))
+    sys.stdout.write(
+        "# redis-cli prompt (replace PASSWORD; the user gets nothing else):\n"
+        f"{acl_setuser(args.user, rules)}\n"
+        "# from a shell:\n"
+        f"redis-cli {shell}\n"
+        "# users.acl (the aclfile of redis.conf; then ACL LOAD):\n"
+        f"{users_acl_line(args.user, rules)}\n"
+    )
+    return EXIT_OK
+
+
+def check(
+    redis: Any,
+    name: str,
+    *,
+    prefix: str = "mutexowner",
+    out: Optional[TextIO] = None,
+    err: Optional[TextIO] = None,
+) -> int:
+    """``mutexowner status --check``: 0 every permission granted, 4 some missing, 2 error.
+
+    ``redis`` is a URL or a ``redis.Redis`` client. Nothing is written to the lease keys.
+    """
+    from mutexowner.acl import check_permissions
+
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    if redis is None:
+        _error(err, "status", f"no Redis URL: pass --redis URL or set ${REDIS_URL_ENV}")
+        return EXIT_USAGE
+    where = redact_url(redis) if isinstance(redis, str) else "the given client"
+    try:
+        client = derive_lease_client(
+            client_from(redis, parameter="--redis"), timeout=STATUS_TIMEOUT
+        )
+        try:
+            result = check_permissions(client, name, prefix=prefix)
+        finally:
+            client.close()
+    except Exception as exc:
+        _error(err, "status", f"cannot check lease {name!r} on {where}: {redact_text(str(exc))}")
+        return EXIT_USAGE
+    out.write(f"lease {name!r} on {where}: {result.describe()}\n")
+    for note in result.degraded():
+        out.write(f"  {note}\n")
+    if result.errors:
+        return EXIT_USAGE
+    if result.ok:
+        return EXIT_OK
+    out.write(f"  run `mutexowner acl --key {name}` for the rules the lease needs\n")
+    return EXIT_PERMISSIONS
 
 
 def _status_dict(info: LeaseInfo, name: str, where: str) -> dict[str, Any]:

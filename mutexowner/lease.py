@@ -9,6 +9,7 @@ This module is the only place Redis exceptions are classified.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -217,6 +218,36 @@ _SCRIPT_LOCATION = re.compile(r"@?user_script:\s*\d+:\s*")
 _SCRIPT_ACL_DENIED = re.compile(r"The user executing the script can't|\bno permissions to\b")
 
 
+_SCRIPT_AT_LINE = re.compile(
+    r"(?:f_|script: )(?P<sha>[0-9a-f]{40})\b.*?@user_script:\s*(?P<line>\d+)", re.DOTALL
+)
+_LUA_CALL = re.compile(r"redis\.p?call\(\s*'([A-Za-z]+)'")
+
+
+def _scripts_by_sha() -> dict[str, str]:
+    return {
+        hashlib.sha1(text.encode("utf-8")).hexdigest(): text  # Redis names scripts by SHA-1
+        for text in (ACQUIRE_LUA, RELEASE_LUA, INSPECT_LUA)
+    }
+
+
+def _acl_hint(message: str) -> str:
+    """``" (line 19 of the lease script runs TIME: grant +time)"`` for an ACL refusal whose
+    message names one of our scripts and a line; ``""`` when it cannot tell."""
+    match = _SCRIPT_AT_LINE.search(message)
+    script = _scripts_by_sha().get(match.group("sha")) if match else None
+    if match is None or script is None:
+        return ""
+    lines = script.splitlines()
+    number = int(match.group("line"))
+    commands = _LUA_CALL.findall(lines[number - 1]) if 0 < number <= len(lines) else []
+    if not commands:
+        return ""
+    names = " ".join(dict.fromkeys(c.upper() for c in commands))
+    grants = " ".join(dict.fromkeys(f"+{c.lower()}" for c in commands))
+    return f" (line {number} of the lease script runs {names}: grant {grants})"
+
+
 def unwrap_script_error(message: str) -> str:
     """The error a Redis < 7 script failure wraps, code first; ``message`` if not wrapped.
 
@@ -248,7 +279,9 @@ def _classify_reply(message: str) -> Optional[LeaseError]:
             f"a lease key holds a value of the wrong type: {inner}", kind="wrongtype"
         )
     if "NOPERM" in upper or _SCRIPT_ACL_DENIED.search(inner):
-        return RedisFatalError(f"ACL denied the lease script: {message}", kind="noperm")
+        return RedisFatalError(
+            f"ACL denied the lease script: {message}{_acl_hint(message)}", kind="noperm"
+        )
     if "NOAUTH" in upper or "WRONGPASS" in upper:
         return RedisFatalError(f"authentication failed: {message}", kind="auth")
     if upper.startswith("NOSCRIPT"):
@@ -273,7 +306,9 @@ def classify_error(exc: BaseException) -> LeaseError:
     if isinstance(exc, _AUTHORIZATION_ERRORS):
         return RedisFatalError(f"not authorized: {message}", kind="auth")
     if isinstance(exc, rex.NoPermissionError):
-        return RedisFatalError(f"ACL denied the lease script: {message}", kind="noperm")
+        return RedisFatalError(
+            f"ACL denied the lease script: {message}{_acl_hint(message)}", kind="noperm"
+        )
     if isinstance(exc, rex.BusyLoadingError):
         return RedisTransientError(f"Redis is loading its dataset: {message}", kind="loading")
     if isinstance(exc, _STRIPPED_TRANSIENT):
