@@ -55,9 +55,10 @@ def script_commands(names: Iterable[str] = LEASE_SCRIPTS) -> frozenset[str]:
 SCRIPT_COMMANDS: frozenset[str] = script_commands()
 
 #: Commands the library sends itself: scripts by SHA (redis-py's ``Script`` loads a script
-#: again after NOSCRIPT; it never sends EVAL), and the release listener's subscription and
-#: its wake-up message (it leaves by closing the connection, without UNSUBSCRIBE).
-CLIENT_COMMANDS: frozenset[str] = frozenset({"evalsha", "script|load", "subscribe", "publish"})
+#: again after NOSCRIPT; it never sends EVAL), and the release listener's subscription (it
+#: leaves by closing the connection, without UNSUBSCRIBE). PUBLISH is sent by the release
+#: script only.
+CLIENT_COMMANDS: frozenset[str] = frozenset({"evalsha", "script|load", "subscribe"})
 
 #: Sent only when configured: ``SELECT`` on connect for a database other than 0, ``CLIENT
 #: SETNAME`` for a ``client_name``, ``PING`` for a Sentinel pool with ``check_connection``.
@@ -82,7 +83,7 @@ _CHANNEL_COMMANDS = frozenset({"publish", "subscribe"})
 
 
 def _command_order(command: str) -> tuple[int, str]:
-    order = ("evalsha", "script|load", "publish", "subscribe", "select", "client|setname", "ping")
+    order = ("evalsha", "script|load", "subscribe", "publish", "select", "client|setname", "ping")
     return (order.index(command), "") if command in order else (len(order), command)
 
 
@@ -256,15 +257,16 @@ def check_permissions(
     """Test, without touching the lease keys, that ``client``'s user can run lease ``name``.
 
     Runs every command of the lease scripts in a probe script on two scratch keys
-    ``<prefix>:{name}:check:*`` (deleted again), publishes and subscribes on a private
-    channel of the lease. Works the same on Redis 6.2 and 7 and needs no admin rights
-    (``ACL DRYRUN`` would need ``+acl|dryrun``, which the lease user should not have).
+    ``<prefix>:{name}:check:*`` (deleted again; they expire in 10 s should DEL be refused),
+    publishing on a private channel of the lease, and subscribes to the release channel.
+    Works the same on Redis 6.2 and 7 and needs no admin rights (``ACL DRYRUN`` would need
+    ``+acl|dryrun``, which the lease user should not have).
     Connection errors propagate.
     """
     keys = LeaseKeys(validate_name(name), prefix)
     who = user or _whoami(client)
     scratch = [f"{keys.tag}:check:{secrets.token_hex(4)}:{part}" for part in ("h", "s")]
-    channel = f"{keys.channel}:wake:check-{secrets.token_hex(4)}"
+    channel = f"{keys.channel}:check-{secrets.token_hex(4)}"
     missing: list[str] = []
     missing_keys: list[str] = []
 
@@ -293,23 +295,11 @@ def check_permissions(
         if not _denied(exc):
             raise
         denied_command(exc, "evalsha")
-    refused, failed, keys_refused = _probe_refusals(reply)
+    refused, failed, keys_refused, channel_missing = _probe_refusals(reply)
     missing += refused
     if keys_refused:
         missing_keys.append(f"{keys.tag}:*")
-    channel_missing = False
-    try:
-        client.publish(channel, "permission check")
-    except rex.ResponseError as exc:
-        if not _denied(exc):
-            raise
-        if "channel" in str(exc):
-            channel_missing = True
-        else:
-            denied_command(exc, "publish")
-    channel_missing |= _try_subscribe(client, [keys.channel, channel], missing)
-    if "publish" in missing and channel_missing:
-        missing.remove("publish")  # the probe's PUBLISH was refused for the channel
+    channel_missing |= _try_subscribe(client, [keys.channel], missing)
     ordered = tuple(sorted(dict.fromkeys(missing), key=_command_order))
     return AclCheck(
         user=who,
@@ -325,25 +315,25 @@ _ACL_REFUSAL = re.compile(
 )
 
 
-def _probe_refusals(reply: Any) -> tuple[list[str], list[str], bool]:
+def _probe_refusals(reply: Any) -> tuple[list[str], list[str], bool, bool]:
     """From the probe's flat {name, error, ...} reply: commands the ACL refused, other
-    failures (``"name: error"``), and whether the scratch keys were refused."""
+    failures (``"name: error"``), and whether the scratch keys or the channel were refused."""
     refused: list[str] = []
     failed: list[str] = []
-    keys_refused = False
+    keys_refused = channel_refused = False
     if not isinstance(reply, list):
-        return refused, failed, keys_refused
+        return refused, failed, keys_refused, channel_refused
     texts = [v.decode() if isinstance(v, bytes) else str(v) for v in reply]
     for command, error in zip(texts[::2], texts[1::2]):
         if not _ACL_REFUSAL.search(error):
             failed.append(f"{command}: {error}")
         elif "channel" in error:
-            continue  # reported as a missing channel by the client's own PUBLISH
+            channel_refused = True
         elif "keys" in error:
             keys_refused = True
         else:
             refused.append(command)
-    return refused, failed, keys_refused
+    return refused, failed, keys_refused, channel_refused
 
 
 def _try_subscribe(client: redis.Redis, channels: list[str], missing: list[str]) -> bool:
