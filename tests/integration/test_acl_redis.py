@@ -19,6 +19,7 @@ from redis import exceptions as rex
 
 from mutexowner import BackoffPolicy, Event, MutexOwner, cli
 from mutexowner.acl import acl_rules, lease_commands, users_acl_line
+from mutexowner.clock import default_clock
 from mutexowner.lease import LeaseKeys
 from mutexowner.testing import mark_epoch
 from tests.redis_server import RedisServer, poll, redis_server_version
@@ -73,15 +74,14 @@ def hand_off(url: str, owners: list[MutexOwner], ttl: float) -> tuple[float, lis
     assert a.wait_until_holding(10), a.status()
     b.start()
     assert poll(lambda: (b.status().next_attempt_in or 0) > ttl / 4, 10), b.status()
-    stepped_down: list[float] = []
     acquired: list[float] = []
-    a.add_listener(lambda e: stepped_down.append(e.time) if e.kind == "lost" else None)
     b.add_listener(lambda e: acquired.append(e.time) if e.kind == "acquired" else None)
+    stop_called = default_clock()  # the owners' clock, which stamps their events
     assert a.stop(timeout=5)
     assert b.wait_until_holding(ttl + 5), b.status()
     assert b.stop(timeout=5)
-    # From A stepping down (then it releases) to B holding, on the owners' (same) clock.
-    took = acquired[0] - stepped_down[0]
+    # From A's stop() call (A steps down, releases, notifies) to B holding.
+    took = acquired[0] - stop_called
     return took, errors_a + errors_b
 
 

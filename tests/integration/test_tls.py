@@ -19,6 +19,7 @@ import redis
 from redis.connection import SSLConnection
 
 from mutexowner import BackoffPolicy, Event, MutexOwner
+from mutexowner.clock import default_clock
 from mutexowner.lease import LeaseKeys
 from mutexowner.testing import mark_epoch
 from tests.redis_server import RedisServer, free_port, poll
@@ -90,15 +91,14 @@ def hand_off(url: str, owners: list[MutexOwner], ttl: float = 5.0) -> tuple[floa
     # port could not have worked, but check the settings too).
     for owner in (a, b):
         assert_tls_client(owner._client, Path(url.split("ssl_ca_certs=")[1].split("&")[0]))
-    stepped_down: list[float] = []
     acquired: list[float] = []
-    a.add_listener(lambda e: stepped_down.append(e.time) if e.kind == "lost" else None)
     b.add_listener(lambda e: acquired.append(e.time) if e.kind == "acquired" else None)
+    stop_called = default_clock()  # the owners' clock, which stamps their events
     assert a.stop(timeout=5)
     assert b.wait_until_holding(ttl + 5), b.status()
     assert b.stop(timeout=5)
-    # From A stepping down (then it releases) to B holding, on the owners' (same) clock.
-    took = acquired[0] - stepped_down[0]
+    # From A's stop() call (A steps down, releases, notifies) to B holding.
+    took = acquired[0] - stop_called
     return took, errors[0] + errors[1]
 
 
