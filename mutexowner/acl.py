@@ -27,11 +27,13 @@ __all__ = [
     "CONNECT_COMMANDS",
     "DEGRADED_WITHOUT",
     "SCRIPT_COMMANDS",
+    "SENTINEL_COMMANDS",
     "AclCheck",
     "acl_rules",
     "acl_setuser",
     "check_permissions",
     "script_commands",
+    "sentinel_acl_rules",
     "users_acl_line",
 ]
 
@@ -68,6 +70,10 @@ CONNECT_COMMANDS: dict[str, str] = {
     "client|setname": "a client_name",
     "ping": "Sentinel with check_connection=True",
 }
+
+#: What a Sentinel client asks the sentinels (redis-py's ``discover_master``); a sentinel's
+#: ACL user needs nothing else (no keys, no channels).
+SENTINEL_COMMANDS: frozenset[str] = frozenset({"sentinel|masters"})
 
 #: Grants whose absence only degrades the lease (see docs/security.md), and how.
 DEGRADED_WITHOUT: dict[str, str] = {
@@ -131,6 +137,12 @@ def acl_rules(
             )
         ),
     ]
+
+
+def sentinel_acl_rules() -> list[str]:
+    """The ACL rules of the user a ``Sentinel`` client authenticates as on each sentinel
+    (``sentinel_kwargs={"username": ..., "password": ...}``) to find the master."""
+    return ["reset", "on", ">PASSWORD", "-@all", *(f"+{c}" for c in sorted(SENTINEL_COMMANDS))]
 
 
 def _with_password(rules: list[str], password: Optional[str]) -> list[str]:

@@ -284,6 +284,11 @@ def _add_acl_parser(commands: Any) -> None:
     acl.add_argument(
         "--db", type=int, default=0, metavar="N", help="database number (non-zero adds +select)"
     )
+    acl.add_argument(
+        "--sentinel-user",
+        metavar="USER",
+        help="also print the rules of the user a Sentinel client logs in as on each sentinel",
+    )
 
 
 def _configure_logging(level_name: str) -> None:
@@ -437,26 +442,49 @@ def status(
 
 
 def _cmd_acl(args: argparse.Namespace) -> int:
-    from mutexowner.acl import acl_rules, acl_setuser, users_acl_line
+    from mutexowner.acl import acl_rules, sentinel_acl_rules
 
     try:
         rules = acl_rules(args.key, prefix=args.prefix, db=args.db)
     except (TypeError, ValueError) as exc:
         _error(sys.stderr, "acl", str(exc))
         return EXIT_USAGE
-    if not args.user or any(c.isspace() for c in args.user):
-        _error(sys.stderr, "acl", f"--user must be a non-empty name without spaces: {args.user!r}")
-        return EXIT_USAGE
-    shell = " ".join(shlex.quote(part) for part in acl_setuser(args.user, rules).split(" "))
+    for option, user in (("--user", args.user), ("--sentinel-user", args.sentinel_user)):
+        if user is not None and (not user or any(c.isspace() for c in user)):
+            _error(sys.stderr, "acl", f"{option} must be a non-empty name without spaces: {user!r}")
+            return EXIT_USAGE
     sys.stdout.write(
-        "# redis-cli prompt (replace PASSWORD; the user gets nothing else):\n"
-        f"{acl_setuser(args.user, rules)}\n"
+        _acl_forms(
+            args.user,
+            rules,
+            "redis-cli prompt",
+            "users.acl (the aclfile of redis.conf; then ACL LOAD)",
+        )
+    )
+    if args.sentinel_user:
+        sys.stdout.write(
+            _acl_forms(
+                args.sentinel_user,
+                sentinel_acl_rules(),
+                "on each sentinel, redis-cli prompt",
+                "sentinel.conf of each sentinel",
+            )
+        )
+    return EXIT_OK
+
+
+def _acl_forms(user: str, rules: list[str], where: str, file: str) -> str:
+    from mutexowner.acl import acl_setuser, users_acl_line
+
+    shell = " ".join(shlex.quote(part) for part in acl_setuser(user, rules).split(" "))
+    return (
+        f"# {where} (replace PASSWORD; the user gets nothing else):\n"
+        f"{acl_setuser(user, rules)}\n"
         "# from a shell:\n"
         f"redis-cli {shell}\n"
-        "# users.acl (the aclfile of redis.conf; then ACL LOAD):\n"
-        f"{users_acl_line(args.user, rules)}\n"
+        f"# {file}:\n"
+        f"{users_acl_line(user, rules)}\n"
     )
-    return EXIT_OK
 
 
 def check(
