@@ -24,6 +24,7 @@ from mutexowner.acl import (
     AclCheck,
     acl_rules,
     acl_setuser,
+    sentinel_acl_rules,
     users_acl_line,
 )
 from mutexowner.lease import _acl_hint, classify_error
@@ -118,8 +119,24 @@ def test_acl_command_prints_the_three_forms(capsys: pytest.CaptureFixture[str]) 
     assert shlex.split(shell)[1:] == acl_setuser("lease", rules).split(" ")
 
 
+def test_acl_command_prints_the_sentinel_user_on_request(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = run_main(["acl", "--key", "job", "--sentinel-user", "discovery"], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert "ACL SETUSER discovery reset on >PASSWORD -@all +sentinel|masters" in lines
+    assert "user discovery reset on >PASSWORD -@all +sentinel|masters" in lines
+    assert "sentinel" not in run_main(["acl", "--key", "job"], capsys)[1]
+
+
 @pytest.mark.parametrize(
-    "argv", [["acl", "--key", "a{b}"], ["acl", "--key", "job", "--user", "two words"]]
+    "argv",
+    [
+        ["acl", "--key", "a{b}"],
+        ["acl", "--key", "job", "--user", "two words"],
+        ["acl", "--key", "job", "--sentinel-user", ""],
+    ],
 )
 def test_acl_command_refuses_bad_arguments(
     argv: list[str], capsys: pytest.CaptureFixture[str]
@@ -132,6 +149,7 @@ def test_docs_show_the_printed_recipe() -> None:
     text = DOCS.read_text(encoding="utf-8")
     assert acl_setuser("mutexowner-job", acl_rules("job")) in text
     assert users_acl_line("mutexowner-job", acl_rules("job")) in text
+    assert acl_setuser("discovery", sentinel_acl_rules()) in text
 
 
 def test_check_result_in_acl_terms() -> None:

@@ -7,6 +7,7 @@ also listens on a plain loopback port, used only for readiness and for the admin
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import time
@@ -18,7 +19,7 @@ import pytest
 import redis
 from redis.connection import SSLConnection
 
-from mutexowner import BackoffPolicy, Event, MutexOwner
+from mutexowner import BackoffPolicy, Event, MutexOwner, cli
 from mutexowner.clock import default_clock
 from mutexowner.lease import LeaseKeys
 from mutexowner.testing import mark_epoch
@@ -112,6 +113,9 @@ def test_hand_off_over_tls_with_a_password(
     caplog.set_level(logging.DEBUG, logger="mutexowner")
     server = tls_server(redis_server_factory, pki, clients=False)
     url = tls_url(server, pki.ca)
+    checked = io.StringIO()
+    assert cli.check(url, "job", out=checked, err=checked) == 0, checked.getvalue()
+    assert "rediss://:***@" in checked.getvalue()
     took, errors = hand_off(url, owners)
     assert not errors, errors
     assert took < 1.0, f"hand-off took {took:.3f} s: the notice did not arrive over TLS"
