@@ -54,6 +54,7 @@ exit status:
   {EXIT_INTERNAL:<4} internal error (the traceback is logged)
   {EXIT_USAGE:<4} usage or configuration error; status: error (Redis unreachable...)
   {EXIT_STATUS_FREE:<4} status: the lease is free
+  {EXIT_PERMISSIONS:<4} status --check: a permission the lease uses is missing
   {EXIT_GAVE_UP:<4} run: gave up, the command exited more than --max-restarts times
        within --max-seconds
   {EXIT_STUCK:<4} run: the lease was lost and the command could not be stopped (never

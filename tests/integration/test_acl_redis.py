@@ -193,7 +193,7 @@ def test_without_channels_or_info_the_lease_still_works_degraded(
     assert "without +info:" in text and "without channel access:" in text
     took, errors = hand_off(url, owners, ttl=1.5)
     assert not errors, errors  # a refused notice or subscription is not a lease error
-    assert took < 1.5 + 1.0  # by expiry of the lease B was told about, at the latest
+    assert took < 1.5 + 3.0  # by expiry of the lease B was told about (generous: load)
     assert not redis_server.client().exists(LeaseKeys("job").lease)  # released
 
 
