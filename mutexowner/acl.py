@@ -297,7 +297,7 @@ def check_permissions(
     except rex.ResponseError as exc:
         if not _denied(exc):
             raise
-        missing.append("script|load")
+        denied_command(exc, "script|load")
     reply: Any = None
     try:
         reply = client.evalsha(probe.sha, 2, *scratch, channel)

@@ -199,3 +199,15 @@ def test_without_channels_or_info_the_lease_still_works_degraded(
 
 def test_redis_version_supports_the_printed_rules(redis_server: RedisServer) -> None:
     assert redis_server_version(redis_server.executable) >= (6, 2)
+
+
+def test_a_database_other_than_0_needs_select_and_the_check_says_so(
+    redis_server: RedisServer,
+) -> None:
+    admin = redis_server.client()
+    url = f"redis://{USER}:{PASSWORD}@{redis_server.host}:{redis_server.port}/2"
+    admin.execute_command("ACL", "SETUSER", USER, *_with_password(acl_rules("job", db=2)))
+    assert check(url)[0] == 0
+    admin.execute_command("ACL", "SETUSER", USER, *_with_password(acl_rules("job")))
+    code, text = check(url)
+    assert code == cli.EXIT_PERMISSIONS and f"user {USER}: missing: +select\n" in text, text
