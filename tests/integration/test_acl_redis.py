@@ -86,11 +86,17 @@ def hand_off(url: str, owners: list[MutexOwner], ttl: float) -> tuple[float, lis
 
 
 def test_the_printed_user_hands_off_in_milliseconds_and_may_do_nothing_else(
-    redis_server: RedisServer,
+    redis_server_factory: Callable[..., RedisServer],
     owners: list[MutexOwner],
     capsys: pytest.CaptureFixture[str],
     record_figures: Callable[..., None],
 ) -> None:
+    # With a replica attached, so that whatever the library sends only when the master has
+    # replicas (a confirmation that a renewal was replicated) runs under the ACL too.
+    redis_server = redis_server_factory(config={"repl-diskless-sync-delay": 0})
+    replica = redis_server_factory().client()
+    replica.replicaof(redis_server.host, redis_server.port)
+    assert poll(lambda: replica.info("replication").get("master_link_status") == "up", 10)
     url = create_user(redis_server, printed_setuser_line(capsys))
     mark_epoch(redis_server.client(), "job")
     assert check(url) == (
