@@ -79,6 +79,8 @@ def hand_off(url: str, owners: list[MutexOwner], ttl: float) -> tuple[float, lis
     stop_called = default_clock()  # the owners' clock, which stamps their events
     assert a.stop(timeout=5)
     assert b.wait_until_holding(ttl + 5), b.status()
+    # Listeners are called from the events thread, maybe after wait_until_holding returns.
+    assert poll(lambda: bool(acquired), 5), b.status()
     assert b.stop(timeout=5)
     # From A's stop() call (A steps down, releases, notifies) to B holding.
     took = acquired[0] - stop_called
