@@ -12,11 +12,12 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from typing import Any, Optional, TextIO
 
 from mutexowner import __version__
-from mutexowner.connection import client_from, redact_text, redact_url
+from mutexowner.connection import client_from, derive_lease_client, redact_text, redact_url
 from mutexowner.inspection import STATUS_ERROR, LeaseReader, format_view
 from mutexowner.runner import (
     EXIT_GAVE_UP,
@@ -32,7 +33,7 @@ from mutexowner.runner import (
     check_command,
 )
 
-__all__ = ["build_parser", "main", "parse_args", "status"]
+__all__ = ["build_parser", "check", "main", "parse_args", "status"]
 
 log = logging.getLogger("mutexowner.cli")
 
@@ -42,7 +43,9 @@ REDIS_URL_ENV = "REDIS_URL"
 STATUS_TIMEOUT = 2.0
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 #: Log level per command when --log-level is not given.
-DEFAULT_LOG_LEVEL = {"run": "info", "status": "warning", "demo": "error"}
+DEFAULT_LOG_LEVEL = {"run": "info", "status": "warning", "demo": "error", "acl": "warning"}
+#: ``status --check``: a permission the lease uses is missing.
+EXIT_PERMISSIONS = 4
 
 EXIT_CODES = f"""\
 exit status:
@@ -51,6 +54,7 @@ exit status:
   {EXIT_INTERNAL:<4} internal error (the traceback is logged)
   {EXIT_USAGE:<4} usage or configuration error; status: error (Redis unreachable...)
   {EXIT_STATUS_FREE:<4} status: the lease is free
+  {EXIT_PERMISSIONS:<4} status --check: a permission the lease uses is missing
   {EXIT_GAVE_UP:<4} run: gave up, the command exited more than --max-restarts times
        within --max-seconds
   {EXIT_STUCK:<4} run: the lease was lost and the command could not be stopped (never
@@ -252,7 +256,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(status_parser, redis_help=f"Redis URL (default: ${REDIS_URL_ENV})")
     _add_lease(status_parser)
     status_parser.add_argument("--json", action="store_true", help="print one JSON object")
+    status_parser.add_argument(
+        "--check",
+        action="store_true",
+        help="instead, check (without taking the lease) that the Redis user may run the "
+        f"lease and use its channels; print what is missing in ACL terms; exit {EXIT_OK} when "
+        f"nothing is, {EXIT_PERMISSIONS} when something is, {EXIT_USAGE} on error",
+    )
+    _add_acl_parser(commands)
     return parser
+
+
+def _add_acl_parser(commands: Any) -> None:
+    acl = commands.add_parser(
+        "acl",
+        help="print the least-privilege Redis ACL of a lease",
+        description="Print the ACL rules a Redis user needs for one lease, and nothing more:\n"
+        "an ACL SETUSER line for redis-cli, the same for a shell, and a users.acl line.",
+        epilog="examples:\n  mutexowner acl --key nightly-backup --user backup-lease\n"
+        "  mutexowner status --redis redis://backup-lease:PASSWORD@host:6379/0 "
+        "--key nightly-backup --check",
+        formatter_class=_Formatter,
+    )
+    _add_lease(acl)
+    acl.add_argument(
+        "--user", default="mutexowner", help="the Redis user name (default: mutexowner)"
+    )
+    acl.add_argument(
+        "--db", type=int, default=0, metavar="N", help="database number (non-zero adds +select)"
+    )
+    acl.add_argument(
+        "--sentinel-user",
+        metavar="USER",
+        help="also print the rules of the user a Sentinel client logs in as on each sentinel",
+    )
 
 
 def _configure_logging(level_name: str) -> None:
@@ -312,6 +349,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _cmd_demo(args)
         if name == "run":
             return _cmd_run(args)
+        if name == "acl":
+            return _cmd_acl(args)
+        if args.check:
+            return check(_redis_url(args), args.key, prefix=args.prefix)
         return status(_redis_url(args), args.key, prefix=args.prefix, as_json=args.json)
     except Exception as exc:
         log.critical("mutexowner %s failed: %s", name, redact_text(repr(exc)), exc_info=True)
@@ -412,6 +453,94 @@ def status(
     else:
         out.write(format_view(view))
     return view.exit_code
+
+
+def _cmd_acl(args: argparse.Namespace) -> int:
+    from mutexowner.acl import acl_rules, sentinel_acl_rules
+
+    try:
+        rules = acl_rules(args.key, prefix=args.prefix, db=args.db)
+    except (TypeError, ValueError) as exc:
+        _error(sys.stderr, "acl", str(exc))
+        return EXIT_USAGE
+    for option, user in (("--user", args.user), ("--sentinel-user", args.sentinel_user)):
+        if user is not None and (not user or any(c.isspace() for c in user)):
+            _error(sys.stderr, "acl", f"{option} must be a non-empty name without spaces: {user!r}")
+            return EXIT_USAGE
+    sys.stdout.write(
+        _acl_forms(
+            args.user,
+            rules,
+            "redis-cli prompt",
+            "users.acl (the aclfile of redis.conf; then ACL LOAD)",
+        )
+    )
+    if args.sentinel_user:
+        sys.stdout.write(
+            _acl_forms(
+                args.sentinel_user,
+                sentinel_acl_rules(),
+                "on each sentinel, redis-cli prompt",
+                "sentinel.conf of each sentinel",
+            )
+        )
+    return EXIT_OK
+
+
+def _acl_forms(user: str, rules: list[str], where: str, file: str) -> str:
+    from mutexowner.acl import acl_setuser, users_acl_line
+
+    shell = " ".join(shlex.quote(part) for part in acl_setuser(user, rules).split(" "))
+    return (
+        f"# {where} (replace PASSWORD; the user gets nothing else):\n"
+        f"{acl_setuser(user, rules)}\n"
+        "# from a shell:\n"
+        f"redis-cli {shell}\n"
+        f"# {file}:\n"
+        f"{users_acl_line(user, rules)}\n"
+    )
+
+
+def check(
+    redis: Any,
+    name: str,
+    *,
+    prefix: str = "mutexowner",
+    out: Optional[TextIO] = None,
+    err: Optional[TextIO] = None,
+) -> int:
+    """``mutexowner status --check``: 0 every permission granted, 4 some missing, 2 error.
+
+    ``redis`` is a URL or a ``redis.Redis`` client. Nothing is written to the lease keys.
+    """
+    from mutexowner.acl import check_permissions
+
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    if redis is None:
+        _error(err, "status", f"no Redis URL: pass --redis URL or set ${REDIS_URL_ENV}")
+        return EXIT_USAGE
+    where = redact_url(redis) if isinstance(redis, str) else "the given client"
+    try:
+        client = derive_lease_client(
+            client_from(redis, parameter="--redis"), timeout=STATUS_TIMEOUT
+        )
+        try:
+            result = check_permissions(client, name, prefix=prefix)
+        finally:
+            client.close()
+    except Exception as exc:
+        _error(err, "status", f"cannot check lease {name!r} on {where}: {redact_text(str(exc))}")
+        return EXIT_USAGE
+    out.write(f"lease {name!r} on {where}: {result.describe()}\n")
+    for note in result.degraded():
+        out.write(f"  {note}\n")
+    if result.errors:
+        return EXIT_USAGE
+    if result.ok:
+        return EXIT_OK
+    out.write(f"  run `mutexowner acl --key {name}` for the rules the lease needs\n")
+    return EXIT_PERMISSIONS
 
 
 if __name__ == "__main__":  # pragma: no cover
