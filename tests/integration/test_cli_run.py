@@ -322,3 +322,82 @@ def test_status_command_with_a_password_never_prints_it(fleet: Fleet) -> None:
     assert proc.wait(20) == 0
     assert "started the command" in fleet.stderr("A")
     assert PASSWORD not in fleet.stderr("A")
+
+
+# -- a frozen `mutexowner run` (issue 10, item 1) ------------------------------------------
+
+
+def _runner_state(pid: int) -> Optional[str]:
+    from tests.redis_server import proc_state
+
+    return proc_state(pid)
+
+
+@pytest.mark.timeout(90)
+def test_a_frozen_run_never_lets_two_commands_run_and_the_standby_takes_over(
+    fleet: Fleet,
+) -> None:
+    """SIGSTOP the holder's `mutexowner run` for 3 ttl: its guard stops the command by the
+    lease deadline on its own clock, the standby takes over, and nothing ever overlaps."""
+    fleet.start("A")
+    assert wait_for(lambda: bool(fleet.records("start")), 30), fleet.stderr("A")
+    fleet.start("B")
+    assert wait_for(lambda: len(fleet.records("beat")) >= 5, 10)
+    first = fleet.records("start")[0]
+    holder, standby = first.identity, "B" if first.identity == "A" else "A"
+    frozen = fleet.procs[holder]
+    frozen.send_signal(signal.SIGSTOP)
+    assert wait_for(lambda: _runner_state(frozen.pid) == "T", 5)
+    frozen_at = time.monotonic()
+    try:
+        # The command of the frozen run ends before its lease could have expired in Redis.
+        assert wait_for(lambda: not alive(first.pid), TTL + 2), "the command outlived its lease"
+        assert time.monotonic() - frozen_at < TTL
+        assert wait_for(lambda: bool(fleet.starts_by(standby)), 3 * TTL), fleet.stderr(standby)
+        remaining = 3 * TTL - (time.monotonic() - frozen_at)
+        if remaining > 0:
+            assert not wait_for(lambda: bool(fleet.records("overlap")), remaining)
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    fleet.assert_never_two_at_once()
+    # Thawed, the old holder finds its lease gone and waits as a standby; nothing restarts.
+    assert wait_for(lambda: "lost" in fleet.stderr(holder) or "expired" in fleet.stderr(holder), 10)
+    assert frozen.poll() is None
+    assert len(fleet.starts_by(holder)) == 1
+    for identity in (holder, standby):
+        fleet.procs[identity].send_signal(signal.SIGTERM)
+    assert frozen.wait(20) == 0, fleet.stderr(holder)
+    assert fleet.procs[standby].wait(20) == 0, fleet.stderr(standby)
+    assert len(fleet.starts_by(holder)) == 1
+    fleet.assert_never_two_at_once()
+    assert _status(fleet.url)[0] == EXIT_STATUS_FREE
+
+
+# -- signals and exit codes (issue 14, item 2) ---------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_requested_stop_is_clean_and_releases_at_once(fleet: Fleet, signum: int) -> None:
+    proc = fleet.start("A")  # the command exits 0 on SIGTERM
+    assert wait_for(lambda: len(fleet.records("beat")) >= 3, 30), fleet.stderr("A")
+    (start,) = fleet.records("start")
+    proc.send_signal(signum)
+    assert proc.wait(20) == 0, fleet.stderr("A")
+    assert f"{signal.Signals(signum).name} received" in fleet.stderr("A")
+    assert fleet.records("end")  # it got SIGTERM and ended cleanly, not SIGKILL
+    assert not alive(start.pid)
+    assert _status(fleet.url)[0] == EXIT_STATUS_FREE  # released, not left to expire
+
+
+@pytest.mark.timeout(60)
+def test_terminal_stop_signals_do_not_freeze_the_run(fleet: Fleet) -> None:
+    proc = fleet.start("A")
+    assert wait_for(lambda: len(fleet.records("beat")) >= 3, 30), fleet.stderr("A")
+    for signum in (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+        proc.send_signal(signum)
+    # A stopped process would not act on SIGTERM: a clean exit proves it kept running.
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0, fleet.stderr("A")
+    assert len(fleet.records("start")) == 1
+    assert _status(fleet.url)[0] == EXIT_STATUS_FREE
