@@ -105,8 +105,9 @@ killed `mutexowner run` never leaves COMMAND running past its lease. --restart s
 happens when COMMAND exits on its own (default: on-failure; never with --once). On
 SIGTERM/SIGINT/SIGHUP the command is stopped, the lease released, and run exits 0 when the
 command exited 0 or on that SIGTERM, else with its status (a second signal skips the rest
-of --grace). --wait 0 on a Redis that has no record of the lease: the first host takes it
-and waits one ttl (lock-delay) before starting COMMAND; the others skip at once.
+of --grace). On a Redis that has no record of the lease (first use, or data lost) nobody
+may take it for one ttl (lock-delay): every host waits that out, not counted in --wait,
+then one runs COMMAND and the others skip.
 Documentation: docs/cli.md.
 
 {EXIT_CODES}"""

@@ -10,10 +10,10 @@ one that gets the lease runs it, the others skip it (they do not wait and run it
     if not result.ran:
         print("skipped:", result.reason)      # another host has it
 
-``wait`` is how long to try for the lease's *key* (0: one attempt, like ``flock -n``).
-Once the key is ours, other hosts see it taken and skip; if Redis has no record of the
-lease (a fresh server, or one that lost its data) this host then waits one ttl (lock-delay,
-DESIGN invariant 7) before the job starts. That wait is not part of ``wait``.
+``wait`` is how long to try for the lease (0: one attempt, like ``flock -n``). When Redis has
+no record of the lease (a fresh server, or one that lost its data), nobody may take it for
+one ttl (lock-delay, DESIGN invariant 7): every host then waits that quiet period out before
+its attempt, and ``wait`` does not count it. One host then runs the job, the others skip.
 
 ``hold_at_least`` (ShedLock's ``lockAtLeastFor``): after a quick job, keep the lease (running
 nothing) until that many seconds after the job started, so that hosts whose trigger fires a
@@ -50,12 +50,23 @@ LOST_BEFORE_START = "lost_before_start"
 T = TypeVar("T")
 
 
-def _attempted(owner: MutexOwner) -> tuple[bool, bool]:
-    """(an acquisition attempt has been answered or failed, the last one failed)."""
+def _decided(owner: MutexOwner) -> Optional[str]:
+    """From one status snapshot: "ours", "stopped", "taken", "unavailable", or None (not yet).
+
+    "taken" and "unavailable" mean an acquisition attempt was answered "taken", or failed. A
+    "quiet" answer (Redis lost its state, or never had the lease: nobody may take the key for
+    one ttl) is no answer yet: the attempt that decides comes when the quiet period ends.
+    """
     st = owner.status()
-    failed = st.consecutive_errors > 0
-    answered = failed or bool(st.next_attempt_in) or bool(st.lock_delay_remaining)
-    return answered, failed
+    if st.state in m.LEASE_STATES:
+        return "ours"
+    if st.state == m.STOPPED:
+        return "stopped"
+    if st.consecutive_errors > 0:
+        return "unavailable"
+    if st.next_attempt_in and not st.lock_delay_remaining:
+        return "taken"
+    return None
 
 
 def wait_for_lease(
@@ -66,20 +77,19 @@ def wait_for_lease(
     Returns ``"ours"`` (the key is ours: holding, or waiting out a lock-delay), ``"taken"``
     (another holder had it when ``wait`` ran out), ``"unavailable"`` (Redis did not answer),
     or ``"cancelled"`` (``cancelled()`` became true, or the owner stopped). ``wait=0`` means
-    one answered attempt.
+    one answered attempt; a quiet period (Redis has no record of the lease) is waited out
+    first and not counted.
     """
     end = time.monotonic() + wait
     pause = threading.Event()
     while True:
-        state = owner.state
-        if state in m.LEASE_STATES:
-            return "ours"
-        if state == m.STOPPED or cancelled():
+        decided = _decided(owner)
+        if decided == "ours":
+            return decided
+        if decided == "stopped" or cancelled():
             return "cancelled"
-        if time.monotonic() >= end:
-            answered, failed = _attempted(owner)
-            if answered:
-                return "unavailable" if failed else "taken"
+        if decided is not None and time.monotonic() >= end:
+            return decided
         pause.wait(_POLL)
 
 

@@ -23,7 +23,7 @@ import pytest
 
 from mutexowner import cli
 from mutexowner.lease import LeaseKeys
-from mutexowner.runner import EXIT_GAVE_UP, EXIT_STATUS_FREE, EXIT_USAGE
+from mutexowner.runner import EXIT_GAVE_UP, EXIT_SKIPPED, EXIT_STATUS_FREE, EXIT_USAGE
 from tests.helpers import alive, wait_for
 from tests.redis_server import RedisServer
 
@@ -399,5 +399,54 @@ def test_terminal_stop_signals_do_not_freeze_the_run(fleet: Fleet) -> None:
     # A stopped process would not act on SIGTERM: a clean exit proves it kept running.
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0, fleet.stderr("A")
+    assert len(fleet.records("start")) == 1
+    assert _status(fleet.url)[0] == EXIT_STATUS_FREE
+
+
+# -- run once, on one host (issue 14, item 1) ----------------------------------------------
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    ("seeded", "skip_ok"),
+    [(True, False), (False, True)],
+    ids=["redis-knows-the-lease", "fresh-redis-lock-delay"],
+)
+def test_three_hosts_with_once_and_wait_0_run_the_job_exactly_once(
+    redis_server: RedisServer, tmp_path: Path, seeded: bool, skip_ok: bool
+) -> None:
+    fleet = Fleet(redis_server, tmp_path, key="nightly")
+    if not seeded:  # a Redis with no record of the lease: the first holder waits one ttl
+        redis_server.client().delete(LeaseKeys("nightly").epoch)
+    hold = 3.0
+    extra = ["--once", "--wait", "0", "--hold-at-least", str(hold)]
+    if skip_ok:
+        extra.append("--skip-ok")
+    try:
+        procs = [fleet.start(name, *extra, mode="once") for name in ("A", "B", "C")]
+        codes = {name: proc.wait(30) for name, proc in zip("ABC", procs)}
+        done_at = time.monotonic()
+        logs = "".join(fleet.stderr(n) for n in "ABC")
+        (start,) = fleet.records("start")  # the job ran exactly once
+        ran = start.identity
+        assert codes[ran] == 0, logs
+        skipped = [n for n in "ABC" if n != ran]
+        assert [codes[n] for n in skipped] == [0 if skip_ok else EXIT_SKIPPED] * 2, logs
+        for name in skipped:
+            assert "held elsewhere" in fleet.stderr(name)
+        # The holder kept the lease --hold-at-least after the job started, then released it.
+        assert done_at - start.at >= hold * 0.9
+        assert "keeping the lease" in fleet.stderr(ran)
+        assert _status(fleet.url, "nightly")[0] == EXIT_STATUS_FREE
+    finally:
+        fleet.close()
+
+
+@pytest.mark.timeout(60)
+def test_once_exits_with_the_commands_own_status(fleet: Fleet) -> None:
+    proc = fleet.start("A", "--once", env={"CHILD_EXIT_ON_TERM": "5"}, mode="loop")
+    assert wait_for(lambda: len(fleet.records("beat")) >= 3, 30), fleet.stderr("A")
+    os.kill(fleet.records("start")[0].pid, signal.SIGTERM)  # from outside: its own exit 5
+    assert proc.wait(20) == 5, fleet.stderr("A")
     assert len(fleet.records("start")) == 1
     assert _status(fleet.url)[0] == EXIT_STATUS_FREE
