@@ -539,6 +539,7 @@ class Runner:
             status,
             "--once" if self.config.once else f"--restart {policy}",
         )
+        self._final_status = status  # also the run's status if a signal cuts the hold short
         self._hold_at_least(ctx)
         self._finish("done", status)
         ctx.stopping.wait()
@@ -651,7 +652,13 @@ class Runner:
         # Whatever the command left behind in its process group goes with it.
         self._reap_group(proc.pid, self.config.grace_seconds, proc.pid)
         if ctx.stopping.is_set() and not self._closing:
-            return status, _Outcome.STOPPED  # ended as the lease ended
+            log.warning(
+                "key=%s: the command ended with status %d as the lease ended%s",
+                self.config.key,
+                status,
+                " (the guard stopped it at the lease deadline)" if guard_acted else "",
+            )
+            return status, _Outcome.STOPPED
         if guard_acted and not self._closing:
             return status, _Outcome.GUARD
         return status, _Outcome.EXITED
