@@ -96,8 +96,11 @@ RESTART_POLICIES = ("on-failure", "always", "never")
 #: restarts are not counted against --max-restarts; a tight loop is impossible).
 CLEAN_RESTART_DELAY = 1.0
 
-#: How often the worker looks at the running command (seconds).
+#: How often the worker looks at the running command and at the lease (seconds).
 POLL_SECONDS = 0.05
+#: A deadline later by at least this much (seconds) is sent to the guard: a renewal moves
+#: it by about ttl/3; reading it twice without a renewal moves it by microseconds.
+RELAY_STEP = 0.005
 
 _SIGTERM_STATUS = 128 + int(signal.SIGTERM)
 
@@ -310,8 +313,7 @@ class Runner:
         self._final_status: Optional[int] = None
         self._terminated_by_us = False
         self._by_signal = False
-        # Confirmed renewals seen (events thread), and the deadline last sent to the guard.
-        self._renewals = 0
+        # The lease deadline last sent to the guard, on its clock.
         self._guard_deadline = -float("inf")
         self._job_started: Optional[float] = None
         #: Every status the command exited with, in order (for tests and the log).
@@ -414,9 +416,7 @@ class Runner:
         self._wake.set()
 
     def _on_event(self, event: Event) -> None:
-        if event.kind == "renewed":
-            self._renewals += 1  # the worker tells the guard (one writer: this thread)
-        elif event.kind == "lost" and event.reason == "workers_failed":
+        if event.kind == "lost" and event.reason == "workers_failed":
             # The supervisor gave up: the worker itself kept failing (a bug).
             self._finish("gave_up", EXIT_GAVE_UP)
 
@@ -617,23 +617,27 @@ class Runner:
             os.write(write_end, message)
 
     def _relay_renewal(self, write_end: int) -> None:
-        """Tell the guard the lease's new deadline, on its clock (stamped before reading it)."""
+        """Tell the guard the lease's deadline if a renewal moved it (on the guard's clock).
+
+        Read from ``status()`` at every poll, not from the ``renewed`` events: their thread
+        can be held up (a slow listener or log handler) while the lease itself is fine. The
+        clock is read *before* the lease, so the deadline sent can only be early.
+        """
         stamp = _guard.now()
         remaining = self.owner.status().lease_remaining
         if remaining is None:
             return  # not holding: the supervisor is stopping us; the guard keeps its deadline
         deadline = stamp + remaining
+        if deadline < self._guard_deadline + RELAY_STEP:
+            return  # no renewal since the last line (only the read's jitter)
         self._guard_deadline = deadline
         self._tell_guard(write_end, b"D %.6f\n" % deadline)
 
     def _supervise(
         self, ctx: WorkerContext, proc: subprocess.Popen[bytes], write_end: int
     ) -> tuple[int, str]:
-        seen = self._renewals
         while proc.poll() is None:
-            if self._renewals != seen:
-                seen = self._renewals
-                self._relay_renewal(write_end)
+            self._relay_renewal(write_end)
             if ctx.sleep(POLL_SECONDS):
                 status = self._terminate(proc, write_end)
                 if self._shutting_down:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -193,3 +194,46 @@ def test_the_guard_shows_a_readable_command_line(tmp_path: Path) -> None:
         assert guard.wait(15) == 0
     finally:
         _cleanup(guard, write_end)
+
+
+# -- what the runner tells the guard -------------------------------------------------------
+
+
+class _Status:
+    def __init__(self, remaining: Optional[float]) -> None:
+        self.lease_remaining = remaining
+
+
+def test_the_runner_relays_a_moved_deadline_stamped_before_reading_the_lease(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mutexowner import runner as runner_module
+    from mutexowner.runner import RunConfig, Runner
+    from mutexowner.testing import fake_redis
+
+    run = Runner(
+        RunConfig(key="job", command=("true",), ttl=3.0),
+        fake_redis("job"),
+        install_signal_handlers=False,
+    )
+    clock = iter([100.0, 100.0, 101.0, 102.0])  # the guard's clock, read once per relay
+    remaining = iter([_Status(2.0), _Status(2.0 - 1e-6), _Status(1.5), _Status(None)])
+    # The guard's clock is read first, the lease second: time passing in between shortens
+    # what is left, so the deadline sent can only err early.
+    monkeypatch.setattr(runner_module._guard, "now", lambda: next(clock))
+    monkeypatch.setattr(run.owner, "status", lambda: next(remaining))
+    read_end, write_end = os.pipe()
+    try:
+        for _ in range(4):
+            run._relay_renewal(write_end)
+        os.close(write_end)
+        write_end = -1
+        lines = os.read(read_end, 4096).decode().splitlines()
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    # 100+2; then the same deadline read again (jitter: not sent); then a renewal: 101+1.5
+    # is 102.5; then not holding: nothing (the guard keeps its deadline).
+    assert lines == ["D 102.000000", "D 102.500000"]
+    assert run._guard_deadline == 102.5
