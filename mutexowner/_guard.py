@@ -187,6 +187,67 @@ def _enforce(schedule: Schedule, cond: threading.Condition) -> None:
             _say(f"lease deadline in {left:.3f} s not renewed: sent {name} to the command's group")
 
 
+def _reap_zombies() -> None:
+    """Reap every child that has ended (the command's orphans come to us: subreaper)."""
+    while True:
+        try:
+            reaped, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if reaped == 0:
+            return
+
+
+def _leftovers() -> Optional[list[int]]:
+    """Living processes of our group other than us; None without a Linux /proc."""
+    me, group = os.getpid(), os.getpgrp()
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return None
+    if not os.path.exists("/proc/self/stat"):
+        return None
+    found = []
+    for name in names:
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) >= 3 and int(fields[2]) == group and fields[0] not in (b"Z", b"X"):
+            found.append(int(name))
+    return found
+
+
+def _stop_leftovers(grace: float) -> None:
+    """The command has exited: SIGTERM what it left in the group, SIGKILL it after grace.
+
+    Linux only (it needs /proc to tell us from the others); elsewhere the runner does it.
+    """
+    left = _leftovers()
+    if not left:
+        return
+    os.killpg(0, signal.SIGTERM)  # ignored by the guard
+    end = now() + grace
+    while left and now() < end:
+        time.sleep(0.02)
+        _reap_zombies()
+        left = _leftovers() or []
+    for _ in range(50):  # SIGKILL each one (never ourselves); a killed one cannot fork
+        if not left:
+            return
+        _say(f"SIGKILL to {len(left)} process(es) the command left in its group")
+        for pid in left:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.02)
+        _reap_zombies()
+        left = _leftovers() or []
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     fd, deadline, grace, margin, command = _parse_argv(sys.argv[1:] if argv is None else argv)
     forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -196,6 +257,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     )
     for s in forwarded:
         signal.signal(s, signal.SIG_IGN)
+    if os.getpgrp() != os.getpid():  # every group signal below must hit only our group
+        os.setsid()
     _become_subreaper()
     pid = os.fork()
     if pid == 0:
@@ -235,13 +298,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             continue
         if reaped == pid:
             break
-    while True:  # reap what has already died; the living are the runner's to stop
-        try:
-            reaped, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            break
-        if reaped == 0:
-            break
+    _reap_zombies()
+    # What the command left in the group is stopped here, where the lease is still enforced,
+    # not after we exit (the runner may be frozen just then).
+    _stop_leftovers(grace)
     if os.WIFSIGNALED(status):
         n = os.WTERMSIG(status)
         with contextlib.suppress(OSError, ValueError):

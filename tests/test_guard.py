@@ -237,3 +237,28 @@ def test_the_runner_relays_a_moved_deadline_stamped_before_reading_the_lease(
     # is 102.5; then not holding: nothing (the guard keeps its deadline).
     assert lines == ["D 102.000000", "D 102.500000"]
     assert run._guard_deadline == 102.5
+
+
+@pytest.mark.timeout(30)
+def test_the_guard_stops_what_the_command_left_in_its_group(tmp_path: Path) -> None:
+    """The command exits leaving a child that ignores SIGTERM: the guard (not only the
+    runner, which may be frozen just then) SIGKILLs it after grace, then exits with the
+    command's own status."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("needs /proc")
+    pid_file = tmp_path / "leftover.pid"
+    read_end, write_end = os.pipe()
+    argv = guard_command(read_end, _guard.now() + 3600, 0.3, 0.25)
+    script = f'trap "" TERM; sleep 60 & echo $! > {pid_file}; exit 3'
+    guard = subprocess.Popen(
+        [*argv, "sh", "-c", script], pass_fds=(read_end,), start_new_session=True
+    )
+    os.close(read_end)
+    try:
+        assert guard.wait(15) == 3
+        leftover = int(pid_file.read_text())
+        assert wait_for(lambda: not alive(leftover), 5), "the leftover survived the guard"
+    finally:
+        _cleanup(guard, write_end)
+        if pid_file.exists() and alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)

@@ -113,7 +113,9 @@ class Fleet:
     def records(self, kind: Optional[str] = None) -> list[Record]:
         if not self.log.exists():
             return []
-        lines = [Record(line) for line in self.log.read_text().splitlines() if line.strip()]
+        # A read can see the end of a line that is still being appended: complete lines only.
+        complete = self.log.read_text().split("\n")[:-1]
+        lines = [Record(line) for line in complete if line.strip()]
         return [r for r in lines if kind is None or r.kind == kind]
 
     def starts_by(self, identity: str) -> list[Record]:
