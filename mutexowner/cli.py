@@ -25,9 +25,11 @@ from mutexowner.runner import (
     EXIT_NOT_EXECUTABLE,
     EXIT_NOT_FOUND,
     EXIT_OK,
+    EXIT_SKIPPED,
     EXIT_STATUS_FREE,
     EXIT_STUCK,
     EXIT_USAGE,
+    RESTART_POLICIES,
     RunConfig,
     Runner,
     check_command,
@@ -49,20 +51,24 @@ EXIT_PERMISSIONS = 4
 
 EXIT_CODES = f"""\
 exit status:
-  {EXIT_OK:<4} success (run: --once command exited 0, or stopped while no command ran);
+  {EXIT_OK:<4} success; run: the command's run ended with 0, or the run was stopped
+       (SIGTERM/SIGINT/SIGHUP) and the command exited 0 or on our SIGTERM;
        status: the lease is held
   {EXIT_INTERNAL:<4} internal error (the traceback is logged)
-  {EXIT_USAGE:<4} usage or configuration error; status: error (Redis unreachable...)
+  {EXIT_USAGE:<4} usage or configuration error; status: error (Redis unreachable...);
+       run --wait: Redis did not answer within --wait
   {EXIT_STATUS_FREE:<4} status: the lease is free
   {EXIT_PERMISSIONS:<4} status --check: a permission the lease uses is missing
-  {EXIT_GAVE_UP:<4} run: gave up, the command exited more than --max-restarts times
+  {EXIT_GAVE_UP:<4} run: gave up, the command failed more than --max-restarts times
        within --max-seconds
   {EXIT_STUCK:<4} run: the lease was lost and the command could not be stopped (never
        expected: SIGKILL is sent after --grace)
+  {EXIT_SKIPPED:<4} run --wait: another host held the lease; skipped (0 with --skip-ok)
   {EXIT_NOT_EXECUTABLE:<4} run: the command is not executable
   {EXIT_NOT_FOUND:<4} run: the command was not found
-  N    run stopped by SIGTERM/SIGINT: the command's own exit status
-       (128+S when the command died from signal S, e.g. 143 for SIGTERM)
+  N    run: the command's own exit status, when the run ended with it (--once,
+       --restart never, or a stop after which it exited with another status);
+       128+S when the command died from signal S (e.g. 137 after SIGKILL)
 """
 
 MAIN_EPILOG = f"""\
@@ -86,20 +92,27 @@ ran at the same time, 1 otherwise, 2 when it cannot start.
 
 RUN_EPILOG = f"""\
 examples:
+  # cron, on every host at 02:00: one host runs the backup, the others skip it (exit 0)
+  mutexowner run --key nightly --once --wait 0 --skip-ok --hold-at-least 300 \\
+      -- /usr/bin/backup --all
   mutexowner run --redis redis://localhost:6379/0 --key report -- python make_report.py
+  # a singleton service: one host runs it, another takes over within a ttl
   REDIS_URL=redis://:secret@redis:6379/0 mutexowner run --key consumer --ttl 15 --grace 5 \\
       -- ./consume --queue jobs
-  mutexowner run --key nightly --once -- /usr/bin/backup --all   # one successful run, then exit
 
 Run the same command on every host: one holds the lease and runs COMMAND; the others wait
 and take over within a ttl when it dies, at once when it stops cleanly. COMMAND runs in its
 own process group with MUTEXOWNER_FENCING_TOKEN, MUTEXOWNER_KEY and MUTEXOWNER_IDENTITY set.
 When the lease is lost it gets SIGTERM, then SIGKILL after --grace; the whole group goes
-with it. If `mutexowner run` itself is killed (even kill -9), a guard process kills the
-command's process group. A command that exits is restarted (at most --max-restarts times
-within --max-seconds); with --once, exit status 0 ends the run. On SIGTERM/SIGINT the
-command is stopped, the lease released, and mutexowner exits with the command's status
-(a second signal skips the rest of --grace).
+with it. A guard process enforces the lease deadline on its own clock, so even a frozen or
+killed `mutexowner run` never leaves COMMAND running past its lease. --restart says what
+happens when COMMAND exits on its own (default: on-failure; never with --once). On
+SIGTERM/SIGINT/SIGHUP the command is stopped, the lease released, and run exits 0 when the
+command exited 0 or on that SIGTERM, else with its status (a second signal skips the rest
+of --grace). On a Redis that has no record of the lease (first use, or data lost) nobody
+may take it for one ttl (lock-delay): every host waits that out, not counted in --wait,
+then one runs COMMAND and the others skip.
+Documentation: docs/cli.md.
 
 {EXIT_CODES}"""
 
@@ -202,8 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run",
         help="run a command on exactly one host of the fleet",
-        usage="mutexowner run [--redis URL] --key KEY [--ttl S] [--identity ID]\n"
-        "                      [--max-restarts N --max-seconds S] [--grace S] [--once]\n"
+        usage="mutexowner run [--redis URL] --key KEY [--ttl S] [--identity ID] [--grace S]\n"
+        "                      [--once] [--wait S [--skip-ok]] [--hold-at-least S]\n"
+        "                      [--restart on-failure|always|never]\n"
+        "                      [--max-restarts N --max-seconds S]\n"
         "                      [--prefix P] [--log-level LEVEL] -- COMMAND [ARGS...]",
         description="Run COMMAND as a child process while this host holds the lease.",
         epilog=RUN_EPILOG,
@@ -242,7 +257,41 @@ def build_parser() -> argparse.ArgumentParser:
         "of --ttl); must fit in the lease: ttl/3 + grace + margin < ttl",
     )
     run.add_argument(
-        "--once", action="store_true", help="end the run when the command exits with status 0"
+        "--once",
+        action="store_true",
+        help="run the command once: the run ends when it exits, with its exit status "
+        "(implies --restart never unless given)",
+    )
+    run.add_argument(
+        "--restart",
+        choices=RESTART_POLICIES,
+        default=None,
+        metavar="POLICY",
+        help="when the command exits on its own: on-failure (restart unless it exited 0; "
+        "the default), always (an exit 0 is restarted after 1 s), never; restarts after a "
+        "failure count against --max-restarts",
+    )
+    run.add_argument(
+        "--wait",
+        type=float,
+        default=None,
+        metavar="S",
+        help="if the lease is not ours within S seconds, do not run the command: exit "
+        f"{EXIT_SKIPPED} (0 with --skip-ok); 0 = one attempt, like flock -n "
+        "(default: wait for ever)",
+    )
+    run.add_argument(
+        "--skip-ok",
+        action="store_true",
+        help="with --wait: a skip (another host has the lease) exits 0",
+    )
+    run.add_argument(
+        "--hold-at-least",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="when the command ended on its own, keep the lease (running nothing) until S "
+        "seconds after it started, so late hosts still skip (default: 0)",
     )
     run.add_argument("command", nargs="*", metavar="COMMAND", help=argparse.SUPPRESS)
 
@@ -376,6 +425,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if url is None:
         _error(err, "run", f"no Redis URL: pass --redis URL or set ${REDIS_URL_ENV}")
         return EXIT_USAGE
+    source = "--redis" if args.redis else f"${REDIS_URL_ENV}"
     try:
         config = RunConfig(
             key=args.key,
@@ -387,6 +437,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             max_seconds=args.max_seconds,
             once=args.once,
             prefix=args.prefix,
+            restart=args.restart,
+            wait=args.wait,
+            skip_ok=args.skip_ok,
+            hold_at_least=args.hold_at_least,
         )
     except (TypeError, ValueError) as exc:
         _error(err, "run", str(exc))
@@ -397,7 +451,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _error(err, "run", f"{what}: {config.command[0]}")
         return missing
     try:
-        runner = Runner(config, client_from(url, parameter="--redis"))
+        runner = Runner(config, client_from(url, parameter=source))
     except (TypeError, ValueError) as exc:
         _error(err, "run", str(exc))
         return EXIT_USAGE
