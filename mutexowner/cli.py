@@ -360,6 +360,11 @@ def _redis_url(args: argparse.Namespace) -> Optional[str]:
     return url
 
 
+def _redis_source(args: argparse.Namespace) -> str:
+    """Where the Redis URL came from, as errors about it name it."""
+    return "--redis" if args.redis else f"${REDIS_URL_ENV}"
+
+
 def _error(err: TextIO, command: str, message: str) -> None:
     err.write(f"mutexowner {command}: {redact_text(message)}\n")
 
@@ -400,9 +405,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _cmd_run(args)
         if name == "acl":
             return _cmd_acl(args)
+        source = _redis_source(args)
         if args.check:
-            return check(_redis_url(args), args.key, prefix=args.prefix)
-        return status(_redis_url(args), args.key, prefix=args.prefix, as_json=args.json)
+            return check(_redis_url(args), args.key, prefix=args.prefix, source=source)
+        return status(
+            _redis_url(args), args.key, prefix=args.prefix, as_json=args.json, source=source
+        )
     except Exception as exc:
         log.critical("mutexowner %s failed: %s", name, redact_text(repr(exc)), exc_info=True)
         return EXIT_INTERNAL
@@ -425,7 +433,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if url is None:
         _error(err, "run", f"no Redis URL: pass --redis URL or set ${REDIS_URL_ENV}")
         return EXIT_USAGE
-    source = "--redis" if args.redis else f"${REDIS_URL_ENV}"
+    source = _redis_source(args)
     try:
         config = RunConfig(
             key=args.key,
@@ -466,6 +474,7 @@ def status(
     as_json: bool = False,
     out: Optional[TextIO] = None,
     err: Optional[TextIO] = None,
+    source: str = "--redis",
 ) -> int:
     """``mutexowner status``: print lease ``name`` as Redis sees it, and whether this host
     runs the holder; ``STATUS_HELD`` (0) held, ``STATUS_FREE`` (3) free, ``STATUS_ERROR``
@@ -486,7 +495,7 @@ def status(
             prefix=prefix,
             timeout=STATUS_TIMEOUT,
             where=where,
-            parameter="--redis",
+            parameter=source,
             name_parameter="--key",
             prefix_parameter="--prefix",
         )
@@ -562,6 +571,7 @@ def check(
     prefix: str = "mutexowner",
     out: Optional[TextIO] = None,
     err: Optional[TextIO] = None,
+    source: str = "--redis",
 ) -> int:
     """``mutexowner status --check``: 0 every permission granted, 4 some missing, 2 error.
 
@@ -577,7 +587,7 @@ def check(
     where = redact_url(redis) if isinstance(redis, str) else "the given client"
     try:
         client = derive_lease_client(
-            client_from(redis, parameter="--redis"), timeout=STATUS_TIMEOUT
+            client_from(redis, parameter=source), timeout=STATUS_TIMEOUT
         )
         try:
             result = check_permissions(client, name, prefix=prefix)

@@ -37,9 +37,11 @@ from mutexowner import _guard
 from mutexowner._validate import finite_number
 from mutexowner.connection import redact_text
 from mutexowner.events import Event
+from mutexowner.inspection import STATUS_FREE
 from mutexowner.once import wait_for_lease
-from mutexowner.owner import STUCK_EXIT_STATUS, MutexOwner, StuckPolicy, drift_for
+from mutexowner.owner import STUCK_EXIT_STATUS, MutexOwner, StuckPolicy
 from mutexowner.supervisor import Supervisor, WorkerContext
+from mutexowner.timing import LeaseTiming, TimingError, TimingNames
 
 __all__ = [
     "CLEAN_RESTART_DELAY",
@@ -70,8 +72,8 @@ EXIT_INTERNAL = 1
 #: Usage or configuration error (bad flags, no Redis URL, --grace too large for --ttl); also
 #: ``run --wait``: Redis never answered within --wait.
 EXIT_USAGE = 2
-#: ``mutexowner status``: the lease is free.
-EXIT_STATUS_FREE = 3
+#: ``mutexowner status``: the lease is free (every status command's code, defined once).
+EXIT_STATUS_FREE = STATUS_FREE
 #: ``mutexowner run`` gave up: the command failed more than --max-restarts times within
 #: --max-seconds (EX_UNAVAILABLE).
 EXIT_GAVE_UP = 69
@@ -171,6 +173,8 @@ class RunConfig:
     hold_at_least: float = 0.0
     grace_seconds: float = field(init=False)
     restart_policy: str = field(init=False)
+    #: The lease's numbers (the shutdown budget is grace plus time to reap the command).
+    timing: LeaseTiming = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.command or not all(isinstance(a, str) for a in self.command):
@@ -198,29 +202,40 @@ class RunConfig:
         object.__setattr__(self, "grace_seconds", grace)
         policy = self.restart or ("never" if self.once else "on-failure")
         object.__setattr__(self, "restart_policy", policy)
-        limit = self.max_grace(ttl)
-        if grace >= limit:
+        margin = kill_margin(ttl)
+        names = TimingNames(
+            ttl="--ttl",
+            renew_interval="the renew interval (ttl/3)",
+            shutdown=f"--grace + {margin:g} s to reap the command",
+        )
+        try:
+            timing = LeaseTiming.of(ttl, shutdown_budget=grace + margin, names=names)
+        except TimingError as exc:
+            limit = self.max_grace(ttl)
             raise ValueError(
                 f"--grace {grace:g} is too large for --ttl {ttl:g}: the command must be stopped "
-                f"(SIGTERM, --grace, SIGKILL, {kill_margin(ttl):g} s to reap it) before the "
-                f"lease can expire, so renew interval (ttl/3 = {ttl / 3:.3g}) + grace + "
-                f"{kill_margin(ttl):g} must be < ttl - drift ({ttl - drift_for(ttl):.4g}). "
+                f"(SIGTERM, --grace, SIGKILL, reaped) before the lease can expire: {exc} "
                 + (
                     f"Use --grace below {limit:.3g} or a larger --ttl."
                     if limit > 0
                     else "Use a larger --ttl."
                 )
-            )
+            ) from None
+        object.__setattr__(self, "timing", timing)
 
     @staticmethod
     def max_grace(ttl: float) -> float:
-        """Exclusive upper bound of --grace for this ttl (may be <= 0 for a tiny ttl)."""
-        return ttl - drift_for(ttl) - ttl / 3 - kill_margin(ttl)
+        """Exclusive upper bound of --grace for this ttl (<= 0: no grace fits this ttl)."""
+        try:
+            slack = LeaseTiming.of(ttl).slack
+        except TimingError:
+            return 0.0
+        return slack - kill_margin(ttl)
 
     @property
     def shutdown_timeout(self) -> float:
         """The supervisor's budget to stop the command: grace plus time to reap it."""
-        return self.grace_seconds + kill_margin(self.ttl)
+        return self.timing.shutdown_budget
 
 
 def check_command(command: tuple[str, ...], env: Optional[dict[str, str]] = None) -> Optional[int]:

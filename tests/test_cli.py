@@ -697,6 +697,17 @@ def test_python_dash_m_mutexowner_works_and_names_redis_url() -> None:
     assert "$REDIS_URL" in result.stderr and "--redis" not in result.stderr
 
 
+@pytest.mark.parametrize("check", [False, True])
+def test_status_names_redis_url_when_the_url_came_from_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], check: bool
+) -> None:
+    monkeypatch.setenv("REDIS_URL", "localhost:6379")  # no scheme: refused
+    code = cli.main(["status", "--key", "k", *(["--check"] if check else [])])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert "$REDIS_URL must be" in err and "--redis must be" not in err
+
+
 def test_help_text_is_printed_by_the_console_script_too() -> None:
     script = shutil.which("mutexowner", path=str(Path(sys.executable).parent))
     script = script or shutil.which("mutexowner")
