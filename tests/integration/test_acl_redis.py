@@ -8,6 +8,7 @@ grant gets a precise message from the check and from the owner.
 from __future__ import annotations
 
 import io
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,8 +192,12 @@ def test_the_owner_names_the_missing_grant_and_retries_at_the_cap(
 
 
 def test_without_channels_or_info_the_lease_still_works_degraded(
-    redis_server: RedisServer, owners: list[MutexOwner], capsys: pytest.CaptureFixture[str]
+    redis_server: RedisServer,
+    owners: list[MutexOwner],
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="mutexowner.notify")
     url = create_user(redis_server, printed_setuser_line(capsys), "resetchannels", "-info")
     mark_epoch(redis_server.client(), "job")
     code, text = check(url)
@@ -203,6 +208,10 @@ def test_without_channels_or_info_the_lease_still_works_degraded(
     assert not errors, errors  # a refused notice or subscription is not a lease error
     assert took < 1.5 + 3.0  # by expiry of the lease B was told about (generous: load)
     assert not redis_server.client().exists(LeaseKeys("job").lease)  # released
+    # Each owner says once that hand-off notices are off, and what to grant.
+    refused = [r.getMessage() for r in caplog.records if "refuses SUBSCRIBE" in r.getMessage()]
+    assert len(refused) == 2, refused
+    assert all(f"&{LeaseKeys('job').tag}:*" in m for m in refused), refused
 
 
 def test_redis_version_supports_the_printed_rules(redis_server: RedisServer) -> None:
