@@ -208,6 +208,9 @@ class AclCheck:
     missing_channels: tuple[str, ...] = ()
     #: Commands that failed for another reason than the ACL (e.g. ``"hset: OOM ..."``).
     errors: tuple[str, ...] = ()
+    #: Optional commands this server does not run inside a script (some Redis-compatible
+    #: servers refuse INFO there): no grant can fix it; the lease works, degraded.
+    unsupported: tuple[str, ...] = ()
 
     @property
     def required_missing(self) -> bool:
@@ -227,7 +230,8 @@ class AclCheck:
     def describe(self) -> str:
         """One line in ACL terms, e.g. ``missing: +time +pttl; channels &mutexowner:{job}:*``."""
         if self.ok:
-            return f"user {self.user}: every permission the lease needs is granted"
+            granted = f"user {self.user}: every permission the lease needs is granted"
+            return granted + (self._unsupported_note() if self.unsupported else "")
         parts = []
         if self.missing_commands:
             parts.append(" ".join(f"+{c}" for c in self.missing_commands))
@@ -238,12 +242,16 @@ class AclCheck:
         line = f"user {self.user}: missing: " + "; ".join(parts) if parts else f"user {self.user}"
         if self.errors:
             line += "; could not check: " + "; ".join(self.errors)
-        return line
+        return line if not self.unsupported else line + self._unsupported_note()
+
+    def _unsupported_note(self) -> str:
+        names = " ".join(c.upper() for c in self.unsupported)
+        return f"; this server does not run {names} inside a script"
 
     def degraded(self) -> list[str]:
         """What works less well with the optional grants that are missing."""
         notes = []
-        if "info" in self.missing_commands:
+        if "info" in self.missing_commands or "info" in self.unsupported:
             notes.append(f"without +info: {DEGRADED_WITHOUT['info']}")
         if self.missing_channels or _CHANNEL_COMMANDS & set(self.missing_commands):
             notes.append(f"without channel access: {DEGRADED_WITHOUT['channels']}")
@@ -310,6 +318,8 @@ def check_permissions(
             raise
         denied_command(exc, "evalsha")
     refused, failed, keys_refused, channel_missing = _probe_refusals(reply)
+    unsupported = [f.split(":", 1)[0] for f in failed if _unsupported_optional(f)]
+    failed = [f for f in failed if not _unsupported_optional(f)]
     missing += refused
     if keys_refused:
         missing_keys.append(f"{keys.tag}:*")
@@ -321,7 +331,14 @@ def check_permissions(
         missing_keys=tuple(dict.fromkeys(missing_keys)),
         missing_channels=(f"{keys.tag}:*",) if channel_missing else (),
         errors=tuple(failed),
+        unsupported=tuple(unsupported),
     )
+
+
+def _unsupported_optional(failure: str) -> bool:
+    """``"info: ERR unknown command ..."``: an optional command the server does not have."""
+    command, _, error = failure.partition(":")
+    return command in _OPTIONAL and "unknown command" in error.lower()
 
 
 _ACL_REFUSAL = re.compile(

@@ -228,3 +228,28 @@ def test_a_database_other_than_0_needs_select_and_the_check_says_so(
     admin.execute_command("ACL", "SETUSER", USER, *_with_password(acl_rules("job")))
     code, text = check(url)
     assert code == cli.EXIT_PERMISSIONS and f"user {USER}: missing: +select\n" in text, text
+
+
+def test_the_framework_check_commands_test_permissions_too(
+    redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `flask mutexowner check` and `manage.py mutexowner --check` share inspection.check_redis.
+    from flask import Flask
+
+    from mutexowner.contrib.flask import MutexOwnerExtension
+    from mutexowner.inspection import STATUS_ERROR
+
+    url = create_user(redis_server, printed_setuser_line(capsys), "-time")
+    app = Flask("acl-check")
+    app.config.update(MUTEXOWNER_REDIS_URL=url, MUTEXOWNER_KEY="job", MUTEXOWNER_TTL=2.0)
+    MutexOwnerExtension(app)
+    result = app.test_cli_runner().invoke(args=["mutexowner", "check"])
+    assert result.exit_code == STATUS_ERROR, result.output
+    assert "FAIL permissions: user mutexowner-job: missing: +time" in result.output
+    assert "mutexowner acl --key job" in result.output
+    assert PASSWORD not in result.output
+    admin = redis_server.client()
+    admin.execute_command("ACL", "SETUSER", USER, "+time")
+    result = app.test_cli_runner().invoke(args=["mutexowner", "check"])
+    assert result.exit_code == 0, result.output
+    assert "ok   permissions: user mutexowner-job: every permission" in result.output
