@@ -1020,5 +1020,5 @@ def test_stop_requested_by_a_worker_ends_every_owner_thread_without_another_call
     owner = MutexOwner(client, "job", ttl=5.0, supervisor=sup)
     box.append(owner)
     owner.start()
-    assert owner._done.wait(10)
+    assert owner._finished_event.wait(10)
     # No second stop(): the autouse fixture fails the test if any mutexowner thread lingers.
