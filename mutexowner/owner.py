@@ -27,8 +27,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, NoReturn, Optional, Union, get_args
 
-from transitions import EventData
-from transitions.extensions import LockedMachine
+from transitions import EventData, Machine
 
 from mutexowner import machine as m
 from mutexowner.backoff import BackoffPolicy
@@ -304,9 +303,11 @@ class MutexOwner:
 
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
-        # The machine's lock is the owner's lock: a trigger and the fields it reads change together.
+        # A plain Machine: every trigger is fired with the owner's lock held (see _fire), so a
+        # trigger and the fields it reads change together; the machine's own locking (a
+        # LockedMachine) would only add cost to every transition.
         self._model = _Model()
-        self._machine = LockedMachine(
+        self._machine = Machine(
             name=f"{MACHINE_NAME_PREFIX}{self.key}]",
             model=self._model,
             states=list(m.STATES),
@@ -315,7 +316,6 @@ class MutexOwner:
             auto_transitions=False,
             send_event=True,
             after_state_change=self._on_state_change,
-            machine_context=[self._lock],  # type: ignore[list-item]
         )
         if rng is not None and not isinstance(rng, random.Random):
             raise TypeError(f"rng must be a random.Random or None, got {type(rng).__name__}")
@@ -668,6 +668,7 @@ class MutexOwner:
         return self._model.state
 
     def _fire(self, trigger: str, **kwargs: Any) -> None:
+        """Move the machine (the owner's lock is held by every caller)."""
         self._machine.events[trigger].trigger(self._model, **kwargs)
 
     def _on_state_change(self, event: EventData) -> None:
