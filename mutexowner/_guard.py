@@ -198,28 +198,39 @@ def _reap_zombies() -> None:
             return
 
 
-def _leftovers() -> Optional[list[int]]:
-    """Living processes of our group other than us; None without a Linux /proc."""
-    me, group = os.getpid(), os.getpgrp()
+def group_members(pgid: int) -> Optional[list[tuple[int, str, int]]]:
+    """(pid, state, ppid) of every process in group ``pgid``; None without a Linux /proc.
+
+    Also used by the runner (this module cannot import the package: it runs as a script).
+    """
     try:
         names = os.listdir("/proc")
     except OSError:
         return None
     if not os.path.exists("/proc/self/stat"):
         return None
-    found = []
+    members = []
     for name in names:
-        if not name.isdigit() or int(name) == me:
+        if not name.isdigit():
             continue
         try:
             with open(f"/proc/{name}/stat", "rb") as f:
                 stat = f.read()
-        except OSError:
+        except OSError:  # gone meanwhile
             continue
         fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) >= 3 and int(fields[2]) == group and fields[0] not in (b"Z", b"X"):
-            found.append(int(name))
-    return found
+        if len(fields) >= 3 and int(fields[2]) == pgid:
+            members.append((int(name), fields[0].decode(), int(fields[1])))
+    return members
+
+
+def _leftovers() -> Optional[list[int]]:
+    """Living processes of our group other than us; None without a Linux /proc."""
+    members = group_members(os.getpgrp())
+    if members is None:
+        return None
+    me = os.getpid()
+    return [pid for pid, state, _ in members if pid != me and state not in ("Z", "X")]
 
 
 def _stop_leftovers(grace: float) -> None:

@@ -249,29 +249,6 @@ def check_command(command: tuple[str, ...], env: Optional[dict[str, str]] = None
     return None if shutil.which(program, path=path) else EXIT_NOT_FOUND
 
 
-def _group_members(pgid: int) -> Optional[list[tuple[int, str, int]]]:
-    """(pid, state, ppid) of every process in group ``pgid``; None without a Linux /proc."""
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return None
-    if not os.path.exists("/proc/self/stat"):
-        return None
-    members = []
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:  # gone meanwhile
-            continue
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) >= 3 and int(fields[2]) == pgid:
-            members.append((int(name), fields[0].decode(), int(fields[1])))
-    return members
-
-
 class _Outcome:
     """How one run of the command ended (see ``Runner._run_command``)."""
 
@@ -716,7 +693,7 @@ class Runner:
     @staticmethod
     def _group_alive(pgid: int, guard: int) -> bool:
         """Does group ``pgid`` have a living process? Zombies do not count (reaped if ours)."""
-        members = _group_members(pgid)
+        members = _guard.group_members(pgid)
         if members is None:  # no /proc: ask the kernel (a zombie counts as alive there)
             try:
                 os.killpg(pgid, 0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import logging
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +22,7 @@ from mutexowner.acl import acl_rules, lease_commands, users_acl_line
 from mutexowner.clock import default_clock
 from mutexowner.lease import LeaseKeys
 from mutexowner.testing import mark_epoch
+from tests.helpers import errors_of
 from tests.redis_server import RedisServer, poll, redis_server_version
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
@@ -49,20 +49,6 @@ def check(url: str) -> tuple[int, str]:
     out, err = io.StringIO(), io.StringIO()
     code = cli.check(url, "job", out=out, err=err)
     return code, out.getvalue() + err.getvalue()
-
-
-@pytest.fixture
-def owners() -> Iterator[list[MutexOwner]]:
-    started: list[MutexOwner] = []
-    yield started
-    for owner in started:
-        owner.stop(timeout=10)
-
-
-def errors_of(owner: MutexOwner) -> list[Event]:
-    events: list[Event] = []
-    owner.add_listener(lambda e: events.append(e) if e.kind == "error" else None)
-    return events
 
 
 def hand_off(url: str, owners: list[MutexOwner], ttl: float) -> tuple[float, list[Event]]:

@@ -11,7 +11,6 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +22,7 @@ from mutexowner import BackoffPolicy, Event, MutexOwner, cli
 from mutexowner.clock import default_clock
 from mutexowner.lease import LeaseKeys
 from mutexowner.testing import mark_epoch
+from tests.helpers import errors_of
 from tests.redis_server import RedisServer, free_port, poll
 from tests.tls import Pki, make_pki, openssl
 
@@ -57,20 +57,6 @@ def tls_url(server: RedisServer, ca: Path, *extra: str) -> str:
     port = server.config["tls-port"]
     query = "&".join([f"ssl_ca_certs={ca}", *extra])
     return f"rediss://:{PASSWORD}@127.0.0.1:{port}/0?{query}"
-
-
-@pytest.fixture
-def owners() -> Iterator[list[MutexOwner]]:
-    started: list[MutexOwner] = []
-    yield started
-    for owner in started:
-        owner.stop(timeout=10)
-
-
-def errors_of(owner: MutexOwner) -> list[Event]:
-    events: list[Event] = []
-    owner.add_listener(lambda e: events.append(e) if e.kind == "error" else None)
-    return events
 
 
 def assert_tls_client(client: redis.Redis, ca: Path) -> None:
