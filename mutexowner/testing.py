@@ -91,11 +91,11 @@ class OwnerDriver:
         self.clock = clock
         self.settle_timeout = settle_timeout
         with owner._lock:
-            if owner._final:
+            if owner._finished:
                 raise OwnerStoppedError("the owner was stopped")
             if owner._started:
                 raise RuntimeError("the owner is already running with its own thread")
-            owner._begin(manual=True)
+            owner._begin()
 
     def step(self) -> Optional[float]:
         """Run one turn of the machine at the current fake time; seconds until it is due again."""
@@ -167,7 +167,7 @@ class OwnerDriver:
     def stop(self, *, max_seconds: float = 3600.0) -> bool:
         """Request stop and step until the owner is stopped for good."""
         self.owner.stop()
-        return self.run_until(lambda: self.owner._final, max_seconds=max_seconds)
+        return self.run_until(lambda: self.owner._finished, max_seconds=max_seconds)
 
     def _take_wake(self) -> bool:
         with self.owner._lock:
