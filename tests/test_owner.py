@@ -783,12 +783,6 @@ def test_every_transition_of_the_table_is_reachable(monkeypatch: pytest.MonkeyPa
     assert not missing, f"transitions never exercised: {sorted(missing)}"
 
 
-def test_readme_diagram_is_generated_from_the_machine() -> None:
-    with open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8") as f:
-        readme = f.read()
-    assert "```mermaid\n" + machine.mermaid() + "\n```" in readme
-
-
 # -- threads (real time, fakeredis) ----------------------------------------------------------
 
 
