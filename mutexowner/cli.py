@@ -81,7 +81,7 @@ examples:
 
 DEMO_EPILOG = """\
 examples:
-  mutexowner demo                      # about 15 s on an embedded fake Redis
+  mutexowner demo                      # about 20 s on an embedded fake Redis
   mutexowner demo --seconds 8 --seed 1 # shorter, reproducible choices
   mutexowner demo --redis redis://localhost:6379/15   # on a real server (no outage phase)
 

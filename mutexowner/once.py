@@ -12,7 +12,7 @@ one that gets the lease runs it, the others skip it (they do not wait and run it
 
 ``wait`` is how long to try for the lease (0: one attempt, like ``flock -n``). When Redis has
 no record of the lease (a fresh server, or one that lost its data), nobody may take it for
-one ttl (lock-delay, DESIGN invariant 7): every host then waits that quiet period out before
+one ttl (lock-delay, docs/safety.md point 5): every host then waits that quiet period out before
 its attempt, and ``wait`` does not count it. One host then runs the job, the others skip.
 
 ``hold_at_least`` (ShedLock's ``lockAtLeastFor``): after a quick job, keep the lease (running

@@ -60,7 +60,7 @@ __all__ = ["MutexOwner", "OwnerStatus", "drift_for"]
 
 log = logging.getLogger("mutexowner.owner")
 
-#: What the owner does when Redis cannot confirm the lease (docs/safety.md; README).
+#: What the owner does when Redis cannot confirm the lease (docs/owner.md, docs/safety.md).
 OutageMode = Literal["step_down", "keep_running"]
 OUTAGE_MODES: tuple[OutageMode, ...] = get_args(OutageMode)
 #: The named stuck-worker policies (a callable is the third kind).
