@@ -9,12 +9,14 @@ This module is the only place Redis exceptions are classified.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import secrets
 import socket
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 import redis
 from redis import exceptions as rex
@@ -29,11 +31,14 @@ __all__ = [
     "LeaseResult",
     "Quiet",
     "Renewed",
+    "ReplicaPolicy",
     "Retaken",
     "Taken",
     "classify_error",
     "new_token",
 ]
+
+_T = TypeVar("_T")
 
 #: Bits of randomness in every acquisition token (DESIGN invariant 1 asks for >= 128).
 TOKEN_BYTES = 16
@@ -158,6 +163,66 @@ class LeaseKeys:
         return (self.lease, self.fence, self.epoch)
 
 
+#: ``min_replicas_timeout`` when neither it nor ``call_timeout`` is given, seconds.
+DEFAULT_MIN_REPLICAS_TIMEOUT = 0.5
+
+
+@dataclass(frozen=True)
+class ReplicaPolicy:
+    """How many replicas must acknowledge an acquire/renew before it counts (invariant 10).
+
+    ``min_replicas=None`` (the default, "auto"): one replica, when the master has replicas
+    now or this dataset was ever seen on a master with replicas (a sticky mark in the
+    epoch hash, replicated with it: an old master cut off from its replicas still
+    requires one). ``0``: never wait (no replication check). ``N >= 1``: always N.
+    ``timeout`` is the ``WAIT`` timeout in seconds; it must leave the reply time to arrive
+    within ``call_timeout``.
+    """
+
+    min_replicas: Optional[int]
+    timeout: float
+
+    def __post_init__(self) -> None:
+        n = self.min_replicas
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ValueError(f"min_replicas must be None (auto) or an int >= 0, got {n!r}")
+        t = self.timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            raise ValueError(f"min_replicas_timeout must be a finite number > 0, got {t!r}")
+        if t <= 0:
+            raise ValueError(f"min_replicas_timeout must be > 0 (seconds), got {t!r}")
+
+    @classmethod
+    def build(
+        cls,
+        min_replicas: Optional[int],
+        timeout: Optional[float],
+        call_timeout: Optional[float],
+    ) -> ReplicaPolicy:
+        if timeout is None:
+            timeout = call_timeout / 2 if call_timeout else DEFAULT_MIN_REPLICAS_TIMEOUT
+        policy = cls(min_replicas, timeout)
+        if call_timeout is not None and not policy.timeout < call_timeout:
+            raise ValueError(
+                f"min_replicas_timeout must be < call_timeout ({call_timeout:g}): the WAIT "
+                f"reply has to arrive within the call's socket timeout, got {timeout!r}"
+            )
+        return policy
+
+    @property
+    def timeout_ms(self) -> int:
+        # WAIT's timeout 0 means "forever": never send it.
+        return max(1, round(self.timeout * 1000))
+
+    def required(self, reply: Any) -> int:
+        """Replicas this successful script reply must be acknowledged by."""
+        if self.min_replicas is not None:
+            return self.min_replicas
+        replicas = _int_or_none(reply[4]) if len(reply) > 4 else None
+        replicated = _text(reply[5]) == "1" if len(reply) > 5 else False
+        return 1 if replicated or (replicas or 0) > 0 else 0
+
+
 def validate_name(name: object, parameter: str = "name") -> str:
     """Check a lease name: a non-empty str without braces (they would break the hash tag)."""
     if not isinstance(name, str):
@@ -275,10 +340,17 @@ class Lease:
         ttl: float,
         identity: str,
         prefix: str = "mutexowner",
+        min_replicas: Optional[int] = None,
+        min_replicas_timeout: Optional[float] = None,
+        call_timeout: Optional[float] = None,
     ) -> None:
         self.keys = LeaseKeys(validate_name(name), prefix)
         self.ttl_ms = max(1, round(ttl * 1000))
         self.identity = identity
+        self.replicas = ReplicaPolicy.build(min_replicas, min_replicas_timeout, call_timeout)
+        #: Replicas the next acquire/renew WAITs for in the same round trip, learnt from the
+        #: last reply (so a standalone server never sees a WAIT).
+        self._expect_replicas = 0
         self._client = client
         self._pid = os.getpid()
         self._acquire = client.register_script(ACQUIRE_LUA)
@@ -299,7 +371,7 @@ class Lease:
 
     def release(self, token: str) -> bool:
         """Delete the key if it still holds ``token`` and notify standbys; False if not ours."""
-        reply = self._run(
+        reply = self._run_script(
             self._release,
             keys=[self.keys.lease],
             args=[token, self.keys.channel, self.identity],
@@ -308,7 +380,7 @@ class Lease:
 
     def inspect(self) -> LeaseInfo:
         """Who holds the lease, for how long, and the fencing counter (no token revealed)."""
-        reply = self._run(self._inspect, keys=list(self.keys.all()), args=[])
+        reply = self._run_script(self._inspect, keys=list(self.keys.all()), args=[])
         identity, fence, pttl, counter, quiet_ms = (_text(v) for v in reply[:5])
         epoch_present = bool(int(reply[7])) if len(reply) > 7 else True
         pttl_ms = int(pttl)
@@ -324,18 +396,83 @@ class Lease:
         )
 
     def _acquire_or_renew(self, token: str, own_fence: Optional[int]) -> LeaseResult:
-        reply = self._run(
-            self._acquire,
-            keys=list(self.keys.all()),
-            args=[
-                token,
-                self.identity,
-                str(self.ttl_ms),
-                "" if own_fence is None else str(own_fence),
-                new_token(),
-            ],
+        keys = list(self.keys.all())
+        args = [
+            token,
+            self.identity,
+            str(self.ttl_ms),
+            "" if own_fence is None else str(own_fence),
+            new_token(),
+        ]
+        first: Optional[LeaseResult] = None
+        # Twice at most: when the reply asks for more replicas than this call WAITed for (the
+        # first call, or replicas just appeared), the script runs again with the right WAIT on
+        # the same pipeline. Running it again is idempotent: the key already holds our token.
+        for _ in range(2):
+            wait_for = self._expect_replicas
+            reply, acked = self._run_with_wait(keys, args, wait_for)
+            result = self._parse(reply)
+            if isinstance(result, (Taken, Quiet)):
+                return result
+            first = first or result
+            need = self.replicas.required(reply)
+            self._expect_replicas = need
+            if need == 0:
+                return first
+            if wait_for >= need:
+                if acked is not None and acked >= need:
+                    return first
+                self._not_replicated(need, acked or 0)
+        # The replica count changed between the two runs: not confirmed this time.
+        self._not_replicated(self._expect_replicas, 0)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _not_replicated(self, need: int, acked: int) -> None:
+        """The write reached the master but not enough replicas: not confirmed (transient).
+
+        The connections are dropped so that the next call asks Sentinel where the master is:
+        an old master cut off from its replicas is exactly what this check exists to catch.
+        """
+        # A failing disconnect must not hide the real result.
+        with contextlib.suppress(Exception):
+            self._client.connection_pool.disconnect()
+        raise RedisTransientError(
+            f"the lease write was acknowledged by {acked} of the {need} replica(s) required "
+            f"within {self.replicas.timeout_ms} ms (min_replicas): not confirmed; the master "
+            f"may have lost its replicas or be an old master after a fail-over",
+            kind="noreplicas",
         )
-        return self._parse(reply)
+
+    def _run_with_wait(
+        self, keys: list[str], args: list[str], wait_for: int
+    ) -> tuple[Any, Optional[int]]:
+        """EVALSHA the acquire script, then ``WAIT wait_for`` on the same connection.
+
+        One round trip (a pipeline); two if Redis forgot the script. Returns the script's
+        reply and the number of replicas that acknowledged it (None when not asked).
+        """
+        script = self._acquire
+
+        def attempt() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            if wait_for > 0:
+                pipe.execute_command(  # type: ignore[no-untyped-call]
+                    "WAIT", wait_for, self.replicas.timeout_ms
+                )
+            return list(pipe.execute(raise_on_error=False))
+
+        def call() -> tuple[Any, Optional[int]]:
+            replies = attempt()
+            if isinstance(replies[0], rex.NoScriptError):
+                self._client.script_load(script.script)
+                replies = attempt()
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return replies[0], (int(replies[1]) if wait_for > 0 else None)
+
+        return self._run(call)
 
     def _parse(self, reply: Any) -> LeaseResult:
         try:
@@ -365,13 +502,16 @@ class Lease:
             return Retaken(fence, lock_delay)
         raise RedisFatalError(f"unexpected reply from the lease script: {reply!r}", kind="data")
 
-    def _run(self, script: Any, *, keys: list[str], args: list[str]) -> Any:
+    def _run_script(self, script: Any, *, keys: list[str], args: list[str]) -> Any:
+        return self._run(lambda: script(keys=keys, args=args, client=self._client))
+
+    def _run(self, call: Callable[[], _T]) -> _T:
         if os.getpid() != self._pid:
             raise ForkedOwnerError(
                 f"lease {self.keys.name!r} was created in process {self._pid}; this forked "
                 f"child ({os.getpid()}) must not renew or release it"
             )
         try:
-            return script(keys=keys, args=args, client=self._client)
+            return call()
         except Exception as exc:  # classified once, here
             raise classify_error(exc) from exc
