@@ -10,22 +10,39 @@ from __future__ import annotations
 
 import re
 from typing import Any, Union
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.connection import parse_url
 from redis.retry import Retry
-from redis.sentinel import SentinelConnectionPool
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
-__all__ = ["RedisLike", "client_from", "derive_lease_client", "describe_client", "redact_url"]
+__all__ = [
+    "RedisLike",
+    "client_from",
+    "derive_lease_client",
+    "describe_client",
+    "parse_sentinel_url",
+    "redact_url",
+]
 
 #: What ``MutexOwner`` accepts: a ``redis.Redis`` client or a URL string.
 RedisLike = Union[redis.Redis, str]
 
-_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+_SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
+_URL_SCHEMES = ("redis://", "rediss://", "unix://", *_SENTINEL_SCHEMES)
 # Greedy up to the last "@" of the URL, so a password containing "@" or "/" is covered too.
-_PASSWORD_IN_TEXT = re.compile(r"(?P<scheme>\b(?:rediss?|unix)://)(?P<user>[^:@/\s]*):\S*@")
+_PASSWORD_IN_TEXT = re.compile(
+    r"(?P<scheme>\b(?:rediss?(?:\+sentinel)?|unix)://)(?P<user>[^:@/\s]*):\S*@"
+)
+# ``?password=...`` / ``&sentinel_password=...`` in a URL's query.
+_PASSWORD_IN_QUERY = re.compile(r"(?i)(?P<name>[?&][a-z_]*password=)[^&\s]*")
+#: Port of a sentinel address given without one.
+SENTINEL_PORT = 26379
+#: Query parameters of a Sentinel URL that apply to the sentinels, not to the master.
+_SENTINEL_QUERY = ("sentinel_username", "sentinel_password")
 
 
 def redact_url(url: str) -> str:
@@ -48,17 +65,101 @@ def redact_url(url: str) -> str:
 
 def redact_text(text: str) -> str:
     """Redact passwords of any Redis URL embedded in free text (error messages, reprs)."""
-    return _PASSWORD_IN_TEXT.sub(r"\g<scheme>\g<user>:***@", text)
+    text = _PASSWORD_IN_TEXT.sub(r"\g<scheme>\g<user>:***@", text)
+    return _PASSWORD_IN_QUERY.sub(r"\g<name>***", text)
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, dict[str, Any]]:
+    """Split a Sentinel URL into (sentinel addresses, service name, master kwargs).
+
+    The form is ``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]``
+    (``rediss+sentinel://`` for TLS to the sentinels and the master). The user and password
+    are the master's (as in ``redis://``); the sentinels' own credentials, if any, go in the
+    query as ``sentinel_username`` / ``sentinel_password``. Other query parameters are
+    those of ``redis://`` URLs (``ssl_cert_reqs``, ``ssl_ca_certs``, ...) and apply to the
+    master and the sentinels alike. A port defaults to 26379. The master kwargs contain
+    ``sentinel_kwargs`` for the sentinels' connections.
+    """
+    if not url.startswith(_SENTINEL_SCHEMES):
+        raise ValueError(f"not a Sentinel URL: {redact_url(url)!r}")
+    scheme, _, rest = url.partition("+sentinel://")
+    netloc, slash, path_query = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    path, _, query = path_query.partition("?")
+    parts = [part for part in path.split("/") if part]
+    if not slash or not parts or len(parts) > 2:
+        raise ValueError(
+            f"a Sentinel URL needs a service name: redis+sentinel://host:port[,host:port...]"
+            f"/service_name[/db], got {redact_url(url)!r}"
+        )
+    service = unquote(parts[0])
+    addresses = [_sentinel_address(item, url) for item in hosts.split(",") if item.strip()]
+    if not addresses:
+        raise ValueError(f"a Sentinel URL needs at least one host:port, got {redact_url(url)!r}")
+    # Everything but the sentinel list is a plain redis:// URL for the master; redis-py
+    # parses it (credentials, db, TLS options) exactly as it parses redis:// URLs today.
+    db = parts[1] if len(parts) > 1 else "0"
+    if not db.isdigit():
+        raise ValueError(f"the db of a Sentinel URL must be an integer, got {db!r}")
+    plain = f"{scheme}://{userinfo}{at}sentinel/{db}{'?' + query if query else ''}"
+    kwargs: dict[str, Any] = parse_url(plain)  # type: ignore[no-untyped-call]
+    kwargs.pop("host", None)
+    kwargs.pop("port", None)
+    sentinel_kwargs: dict[str, Any] = {}
+    for name in _SENTINEL_QUERY:
+        value = kwargs.pop(name, None)
+        if value is not None:
+            sentinel_kwargs[name.split("_", 1)[1]] = value
+    if kwargs.pop("connection_class", None) is not None:  # rediss: TLS everywhere
+        kwargs["ssl"] = True
+    for name, value in kwargs.items():
+        if name.startswith("ssl"):
+            sentinel_kwargs[name] = value
+    kwargs["sentinel_kwargs"] = sentinel_kwargs
+    return addresses, service, kwargs
+
+
+def _sentinel_address(item: str, url: str) -> tuple[str, int]:
+    item = item.strip()
+    if item.startswith("["):  # [IPv6]:port
+        host, _, port = item[1:].partition("]")
+        port = port.lstrip(":")
+    else:
+        host, _, port = item.partition(":")
+    if not host or (port and not port.isdigit()):
+        raise ValueError(f"bad sentinel address {item!r} in {redact_url(url)!r}")
+    return unquote(host), int(port) if port else SENTINEL_PORT
+
+
+def _sentinel_client(url: str) -> redis.Redis:
+    addresses, service, kwargs = parse_sentinel_url(url)
+    sentinel_kwargs = kwargs.pop("sentinel_kwargs")
+    manager = Sentinel(addresses, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    client: redis.Redis = manager.master_for(  # type: ignore[no-untyped-call]
+        service, redis_class=redis.Redis, **kwargs
+    )
+    return client
 
 
 def client_from(redis_or_url: object, *, parameter: str = "redis") -> redis.Redis:
-    """Turn the user's ``redis`` argument into a client; a clear error when it is neither."""
+    """Turn the user's ``redis`` argument into a client; a clear error when it is neither.
+
+    URLs: ``redis://``, ``rediss://``, ``unix://`` (redis-py's forms) and
+    ``redis+sentinel://`` / ``rediss+sentinel://`` (see `parse_sentinel_url`), which give a
+    client that follows the master Sentinel names.
+    """
     if isinstance(redis_or_url, str):
         if not redis_or_url.startswith(_URL_SCHEMES):
             raise ValueError(
                 f"{parameter} must be a redis.Redis client or a URL starting with "
-                f"redis://, rediss:// or unix://, got {redact_url(redis_or_url)!r}"
+                f"redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel://, "
+                f"got {redact_url(redis_or_url)!r}"
             )
+        if redis_or_url.startswith(_SENTINEL_SCHEMES):
+            try:
+                return _sentinel_client(redis_or_url)
+            except ValueError as exc:
+                raise ValueError(f"{parameter}: {exc}") from None
         return redis.Redis.from_url(redis_or_url)
     if isinstance(redis_or_url, redis.Redis):
         return redis_or_url
@@ -98,7 +199,7 @@ def derive_lease_client(client: redis.Redis, *, timeout: float) -> redis.Redis:
         kwargs.pop("connection_pool", None)
         new_pool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
             pool.service_name,
-            pool.sentinel_manager,
+            _bounded_sentinel(pool.sentinel_manager, timeout),
             is_master=True,
             check_connection=pool.check_connection,
             connection_class=pool.connection_class,
@@ -112,17 +213,59 @@ def derive_lease_client(client: redis.Redis, *, timeout: float) -> redis.Redis:
     return redis.Redis(connection_pool=new_pool)
 
 
+def _bounded_sentinel(manager: Sentinel, timeout: float) -> Sentinel:
+    """A copy of ``manager`` whose sentinel calls together take at most ``timeout`` seconds.
+
+    Master discovery asks the sentinels one after the other, so each gets an equal share of
+    ``timeout`` (connect and read), and no retries: a dead sentinel costs its share, not the
+    user's socket timeout times redis-py's retries. The user's manager is left untouched.
+    """
+    addresses = []
+    for sentinel in manager.sentinels:
+        kw = sentinel.connection_pool.connection_kwargs
+        addresses.append((kw.get("host", "localhost"), kw.get("port", SENTINEL_PORT)))
+    share = timeout / max(1, len(addresses))
+    sentinel_kwargs = dict(manager.sentinel_kwargs)
+    sentinel_kwargs.update(
+        socket_timeout=share,
+        socket_connect_timeout=share,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_error=[],
+        health_check_interval=0,
+    )
+    bounded = Sentinel(  # type: ignore[no-untyped-call]
+        addresses,
+        min_other_sentinels=manager.min_other_sentinels,
+        sentinel_kwargs=sentinel_kwargs,
+        force_master_ip=getattr(manager, "_force_master_ip", None),
+    )
+    return bounded
+
+
 def describe_client(client: redis.Redis) -> str:
     """A password-free description of where ``client`` connects, for logs and reprs."""
     pool = client.connection_pool
     kw = pool.connection_kwargs
     if isinstance(pool, SentinelConnectionPool):
-        return f"sentinel://{pool.service_name}/{kw.get('db', 0)}"
+        sentinels = ",".join(
+            _host_port(s.connection_pool.connection_kwargs) for s in pool.sentinel_manager.sentinels
+        )
+        scheme = "rediss" if "SSL" in getattr(pool.connection_class, "__name__", "") else "redis"
+        return (
+            f"{scheme}+sentinel://{_auth(kw)}{sentinels}/{pool.service_name}/{kw.get('db', 0)}"
+        )
     if "path" in kw:
         return f"unix://{kw['path']}?db={kw.get('db', 0)}"
     scheme = "rediss" if "SSL" in getattr(pool.connection_class, "__name__", "") else "redis"
+    return f"{scheme}://{_auth(kw)}{_host_port(kw)}/{kw.get('db', 0)}"
+
+
+def _auth(kw: dict[str, Any]) -> str:
     user = kw.get("username")
-    auth = f"{user}:***@" if user else (":***@" if kw.get("password") else "")
-    return (
-        f"{scheme}://{auth}{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
-    )
+    return f"{user}:***@" if user else (":***@" if kw.get("password") else "")
+
+
+def _host_port(kw: dict[str, Any]) -> str:
+    host = str(kw.get("host", "localhost"))
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{kw.get('port', 6379)}"

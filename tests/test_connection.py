@@ -110,7 +110,7 @@ def test_lease_client_follows_a_sentinel_master() -> None:
     assert pool.service_name == "mymaster" and pool.is_master
     assert pool.connection_kwargs["password"] == "pw"
     assert pool.connection_kwargs["socket_timeout"] == 0.5
-    assert describe_client(master) == "sentinel://mymaster/1"
+    assert describe_client(master) == "redis+sentinel://:***@127.0.0.1:26379/mymaster/1"
 
 
 def test_lease_client_shares_the_fake_server() -> None:
