@@ -152,8 +152,8 @@ def client_from(redis_or_url: object, *, parameter: str = "redis") -> redis.Redi
         if not redis_or_url.startswith(_URL_SCHEMES):
             raise ValueError(
                 f"{parameter} must be a redis.Redis client or a URL starting with "
-                f"redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel://, "
-                f"got {redact_url(redis_or_url)!r}"
+                f"redis://, rediss:// or unix:// (or redis+sentinel://, rediss+sentinel:// for "
+                f"Sentinel), got {redact_url(redis_or_url)!r}"
             )
         if redis_or_url.startswith(_SENTINEL_SCHEMES):
             try:
