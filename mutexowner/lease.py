@@ -165,6 +165,9 @@ class LeaseKeys:
 
 #: ``min_replicas_timeout`` when neither it nor ``call_timeout`` is given, seconds.
 DEFAULT_MIN_REPLICAS_TIMEOUT = 0.5
+#: Default ``min_replicas_timeout`` as a share of ``call_timeout``: the rest of the call's
+#: socket timeout is left for the round trip itself.
+MIN_REPLICAS_TIMEOUT_SHARE = 0.75
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,11 @@ class ReplicaPolicy:
         call_timeout: Optional[float],
     ) -> ReplicaPolicy:
         if timeout is None:
-            timeout = call_timeout / 2 if call_timeout else DEFAULT_MIN_REPLICAS_TIMEOUT
+            timeout = (
+                call_timeout * MIN_REPLICAS_TIMEOUT_SHARE
+                if call_timeout
+                else DEFAULT_MIN_REPLICAS_TIMEOUT
+            )
         policy = cls(min_replicas, timeout)
         if call_timeout is not None and not policy.timeout < call_timeout:
             raise ValueError(
@@ -422,12 +429,12 @@ class Lease:
             if wait_for >= need:
                 if acked is not None and acked >= need:
                     return first
-                self._not_replicated(need, acked or 0)
+                self._not_replicated(need, acked or 0, reply)
         # The replica count changed between the two runs: not confirmed this time.
-        self._not_replicated(self._expect_replicas, 0)
+        self._not_replicated(self._expect_replicas, 0, reply)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _not_replicated(self, need: int, acked: int) -> None:
+    def _not_replicated(self, need: int, acked: int, reply: Any) -> None:
         """The write reached the master but not enough replicas: not confirmed (transient).
 
         The connections are dropped so that the next call asks Sentinel where the master is:
@@ -436,10 +443,13 @@ class Lease:
         # A failing disconnect must not hide the real result.
         with contextlib.suppress(Exception):
             self._client.connection_pool.disconnect()
+        connected = _int_or_none(reply[4]) if len(reply) > 4 else None
         raise RedisTransientError(
             f"the lease write was acknowledged by {acked} of the {need} replica(s) required "
-            f"within {self.replicas.timeout_ms} ms (min_replicas): not confirmed; the master "
-            f"may have lost its replicas or be an old master after a fail-over",
+            f"within {self.replicas.timeout_ms} ms (min_replicas; the master reports "
+            f"{'?' if connected is None or connected < 0 else connected} connected): not "
+            f"confirmed; the master may have lost its replicas, be an old master after a "
+            f"fail-over, or its replicas lag",
             kind="noreplicas",
         )
 

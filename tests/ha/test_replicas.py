@@ -112,6 +112,7 @@ def test_min_replicas_above_the_replica_count_is_never_confirmed(
         lease.acquire(new_token())
     assert error.value.kind == "noreplicas"
     assert "1 of the 2 replica(s)" in str(error.value)
+    assert "reports 1 connected" in str(error.value)
 
 
 def test_redis_min_replicas_to_write_refusal_is_transient(redis_server: RedisServer) -> None:
@@ -142,6 +143,6 @@ def test_replica_policy_is_validated(
 
 
 def test_replica_policy_defaults() -> None:
-    assert ReplicaPolicy.build(None, None, 1.0) == ReplicaPolicy(None, 0.5)
+    assert ReplicaPolicy.build(None, None, 1.0) == ReplicaPolicy(None, 0.75)
     assert ReplicaPolicy.build(None, None, None).timeout == 0.5
     assert ReplicaPolicy(None, 0.0001).timeout_ms == 1  # WAIT 0 would block forever

@@ -1,0 +1,110 @@
+"""Fail-overs of a real Sentinel topology under three (then four) owner processes.
+
+1 master + 2 replicas + 3 ``redis-sentinel``s on loopback ports (``tests/ha/topology.py``);
+owners connect with ``redis+sentinel://`` and run the chaos suite's ledger worker. Each test
+injects one fault, starts one more owner while the fail-over is under way, lets the new
+topology run for a while, and hands everything to the chaos checker: no overlapping worker
+runs, fencing tokens strictly increasing between holders (in the ledgers and in the fencing
+store), some worker running again within ``HaConfig.promotion_bound`` of the promotion
+Sentinel reported, and no owner process dying or logging an error.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import pytest
+
+from tests.chaos.checker import Verdict
+from tests.ha.topology import SERVICE, HaConfig, HaRig
+from tests.redis_server import poll
+
+pytestmark = [pytest.mark.ha, pytest.mark.redis]
+
+RigFactory = Callable[..., HaRig]
+CONFIG = HaConfig()
+#: Seconds the topology runs after a worker ran again on the new master (stale holders,
+#: late replies and the old master's demotion happen in this window).
+AFTERMATH = 2 * CONFIG.ttl + 1.0
+
+
+def settle_and_check(
+    rig: HaRig, promoted_at: float, record: Callable[..., None], **figures: Any
+) -> Verdict:
+    rig.wait_for_check(promoted_at, CONFIG.promotion_bound + 10.0)
+    rig.pause(AFTERMATH)
+    verdict = rig.finish()
+    rig.assert_ok(verdict)
+    (fault,) = verdict.faults
+    record(
+        recovery=fault.recovery,
+        bound=fault.bound,
+        promotion=fault.clear - fault.start,  # type: ignore[operator]
+        handoffs=verdict.figures["handoffs"],
+        runs=verdict.figures["runs"],
+        fence_rejected=verdict.figures["fence_rejected"],
+        **figures,
+    )
+    return verdict
+
+
+def demotion_time(rig: HaRig, port: int, since: float, timeout: float = 30.0) -> float:
+    """Seconds from ``since`` until the old master on ``port`` reports role slave."""
+    assert poll(lambda: rig.topology.role(port) == "slave", timeout, interval=0.05), (
+        rig.topology.describe()
+    )
+    return time.monotonic() - since
+
+
+def test_sentinel_failover_command(ha_rig: RigFactory, record_figures: Callable[..., None]) -> None:
+    rig = ha_rig(CONFIG)
+    rig.start(3)
+    topology = rig.topology
+    old = topology.master_port()
+    assert old is not None
+    start = time.monotonic()
+    topology.sentinels[0].client().execute_command("SENTINEL", "FAILOVER", SERVICE)
+    rig.spawn()  # connects while the fail-over is under way
+    promoted_at, _new = topology.wait_promotion(old)
+    rig.promotion_fault("sentinel_failover", start, promoted_at)
+    demoted = demotion_time(rig, old, promoted_at)
+    settle_and_check(rig, promoted_at, record_figures, old_master_demoted=demoted)
+
+
+def test_master_kill_9(ha_rig: RigFactory, record_figures: Callable[..., None]) -> None:
+    rig = ha_rig(CONFIG)
+    rig.start(3)
+    topology = rig.topology
+    old = topology.master_port()
+    assert old is not None
+    start = time.monotonic()
+    topology.node(old).kill()
+    rig.spawn()
+    promoted_at, _new = topology.wait_promotion(old)
+    rig.promotion_fault("master_kill_9", start, promoted_at)
+    settle_and_check(rig, promoted_at, record_figures)
+
+
+def test_master_frozen_past_down_after_then_resumed(
+    ha_rig: RigFactory, record_figures: Callable[..., None]
+) -> None:
+    # The split brain of issue 11: the old master comes back after the promotion and stays
+    # writable for seconds; owners whose connection to it survived renew there while others
+    # acquire on the new master. Every write must now be confirmed by a replica, and the old
+    # master has none left, so it can only make its holder step down.
+    rig = ha_rig(CONFIG)
+    rig.start(3)
+    topology = rig.topology
+    old = topology.master_port()
+    assert old is not None
+    node = topology.node(old)
+    start = time.monotonic()
+    node.freeze()
+    promoted_at, _new = topology.wait_promotion(old)
+    rig.promotion_fault("master_freeze", start, promoted_at)
+    rig.spawn()  # discovers the new master while the old one comes back
+    node.thaw()
+    resumed = time.monotonic()
+    demoted = demotion_time(rig, old, resumed)
+    settle_and_check(rig, promoted_at, record_figures, old_master_writable=demoted)
