@@ -65,11 +65,22 @@ def test_sentinel_failover_command(ha_rig: RigFactory, record_figures: Callable[
     assert old is not None
     start = time.monotonic()
     topology.sentinels[0].client().execute_command("SENTINEL", "FAILOVER", SERVICE)
-    rig.spawn()  # connects while the fail-over is under way
-    promoted_at, _new = topology.wait_promotion(old)
+    promoted_at, new = topology.wait_promotion(old)
     rig.promotion_fault("sentinel_failover", start, promoted_at)
+    # The reproduction of issue 11: an owner that connects once every sentinel names the new
+    # master, while the others are still connected to the old one, which stays writable
+    # for seconds (without the replica check: two holders, the stale one with the
+    # larger fencing token).
+    ended = topology.wait_failover_end(new)
+    rig.spawn()
     demoted = demotion_time(rig, old, promoted_at)
-    settle_and_check(rig, promoted_at, record_figures, old_master_demoted=demoted)
+    settle_and_check(
+        rig,
+        promoted_at,
+        record_figures,
+        failover_end=ended - promoted_at,
+        old_master_demoted=demoted,
+    )
 
 
 def test_master_kill_9(ha_rig: RigFactory, record_figures: Callable[..., None]) -> None:

@@ -189,7 +189,7 @@ class SentinelTopology:
                     state = sentinel.client().execute_command("SENTINEL", "MASTER", SERVICE)
                 except redis.RedisError:
                     return False
-                info = state if isinstance(state, dict) else dict(zip(state[::2], state[1::2]))
+                info = state
                 if (
                     int(info["port"]) != master_port
                     or int(info["num-slaves"]) < 2
@@ -217,6 +217,26 @@ class SentinelTopology:
         if not poll(promoted, timeout, interval=0.02):
             raise RuntimeError(f"no promotion within {timeout} s:\n" + self.describe())
         return time.monotonic(), found[-1]
+
+    def wait_failover_end(self, new_port: int, timeout: float = 20.0) -> float:
+        """Wait until every sentinel's ``SENTINEL MASTER`` names ``new_port`` with no fail-over
+        in progress; return the monotonic time. Until then the leader still reports the old
+        master there (only GET-MASTER-ADDR-BY-NAME names the promoted replica), and redis-py's
+        discovery, which reads SENTINEL MASTERS, connects newcomers to the old master."""
+
+        def ended() -> bool:
+            for sentinel in self.sentinels:
+                try:
+                    state = sentinel.client().execute_command("SENTINEL", "MASTER", SERVICE)
+                except redis.RedisError:
+                    return False
+                if int(state["port"]) != new_port or "failover_in_progress" in state["flags"]:
+                    return False
+            return True
+
+        if not poll(ended, timeout, interval=0.02):
+            raise RuntimeError(f"the fail-over did not end within {timeout} s:\n" + self.describe())
+        return time.monotonic()
 
     def client(self, port: int) -> redis.Redis:
         return redis.Redis(
