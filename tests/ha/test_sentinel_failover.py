@@ -11,12 +11,17 @@ Sentinel reported, and no owner process dying or logging an error.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from typing import Any, Callable
 
 import pytest
 
 from tests.chaos.checker import Verdict
+from tests.chaos.harness import REPO
+from tests.chaos.owner_proc import LEASE_NAME
 from tests.ha.topology import SERVICE, HaConfig, HaRig
 from tests.redis_server import poll
 
@@ -57,10 +62,26 @@ def demotion_time(rig: HaRig, port: int, since: float, timeout: float = 30.0) ->
     return time.monotonic() - since
 
 
+def status_via_cli(url: str) -> dict[str, Any]:
+    """``mutexowner status --json`` through the Sentinel URL, as a user would run it."""
+    done = subprocess.run(
+        [sys.executable, "-m", "mutexowner.cli", "status", "--redis", url, "--key", LEASE_NAME,
+         "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
 def test_sentinel_failover_command(ha_rig: RigFactory, record_figures: Callable[..., None]) -> None:
     rig = ha_rig(CONFIG)
     rig.start(3)
+    holder = rig.wait_for_holder(10.0)
     topology = rig.topology
+    status = status_via_cli(topology.url)
+    assert status["held"] and status["holder"] == holder.identity, status
+    assert status["redis"].startswith("redis+sentinel://")
     old = topology.master_port()
     assert old is not None
     start = time.monotonic()
