@@ -357,7 +357,7 @@ class Lease:
         self.replicas = ReplicaPolicy.build(min_replicas, min_replicas_timeout, call_timeout)
         #: Replicas the next acquire/renew WAITs for in the same round trip, learnt from the
         #: last reply (so a standalone server never sees a WAIT).
-        self._expect_replicas = 0
+        self._expect_replicas = self.replicas.min_replicas or 0
         self._client = client
         self._pid = os.getpid()
         self._acquire = client.register_script(ACQUIRE_LUA)

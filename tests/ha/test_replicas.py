@@ -13,7 +13,15 @@ import pytest
 import redis
 
 from mutexowner.errors import RedisTransientError
-from mutexowner.lease import Acquired, Lease, LeaseKeys, Renewed, ReplicaPolicy, new_token
+from mutexowner.lease import (
+    ACQUIRE_LUA,
+    Acquired,
+    Lease,
+    LeaseKeys,
+    Renewed,
+    ReplicaPolicy,
+    new_token,
+)
 from mutexowner.testing import mark_epoch
 from tests.redis_server import RedisServer, poll
 
@@ -105,6 +113,7 @@ def test_min_replicas_above_the_replica_count_is_never_confirmed(
     redis_server_factory: Factory,
 ) -> None:
     master, _replica = replicated_pair(redis_server_factory)
+    master.client().script_load(ACQUIRE_LUA)  # no NOSCRIPT pass: count only our WAITs
     lease = Lease(
         master.client(), "job", ttl=10, identity="A", min_replicas=2, min_replicas_timeout=0.05
     )
@@ -113,6 +122,8 @@ def test_min_replicas_above_the_replica_count_is_never_confirmed(
     assert error.value.kind == "noreplicas"
     assert "1 of the 2 replica(s)" in str(error.value)
     assert "reports 1 connected" in str(error.value)
+    # An explicit count is known before the first reply: one pass, one WAIT.
+    assert wait_calls(master.client()) == 1
 
 
 def test_redis_min_replicas_to_write_refusal_is_transient(redis_server: RedisServer) -> None:
