@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import pytest
 
+from mutexowner.lease import LeaseKeys
 from tests.chaos.checker import Verdict
 from tests.chaos.harness import REPO
 from tests.chaos.owner_proc import LEASE_NAME
@@ -52,6 +53,25 @@ def settle_and_check(
         **figures,
     )
     return verdict
+
+
+def assert_quiet_period_opened(rig: HaRig, new: int, verdict: Verdict) -> None:
+    """The promotion changed the server's run_id, and the lease script noticed it end to end.
+
+    In the kill/freeze scenarios the holder's own deadline passed before the promotion
+    (promotion > ttl), so its key on the new master had expired too. Without the quiet
+    period a standby would acquire at its first call there (well under a second); with
+    it, nobody starts workers until about one ttl after that first call.
+    """
+    client = rig.topology.client(new)
+    run_id = client.info("server")["run_id"]
+    epoch = client.hgetall(LeaseKeys(LEASE_NAME).epoch)
+    assert epoch[b"run_id"].decode() == run_id, epoch
+    assert epoch[b"replicated"] == b"1", epoch
+    (fault,) = verdict.faults
+    assert fault.recovery is not None
+    # 0.5 s for our own observation of the promotion lagging the owners' first call.
+    assert fault.recovery >= CONFIG.ttl - 0.5, fault
 
 
 def demotion_time(rig: HaRig, port: int, since: float, timeout: float = 30.0) -> float:
@@ -113,9 +133,10 @@ def test_master_kill_9(ha_rig: RigFactory, record_figures: Callable[..., None]) 
     start = time.monotonic()
     topology.node(old).kill()
     rig.spawn()
-    promoted_at, _new = topology.wait_promotion(old)
+    promoted_at, new = topology.wait_promotion(old)
     rig.promotion_fault("master_kill_9", start, promoted_at)
-    settle_and_check(rig, promoted_at, record_figures)
+    verdict = settle_and_check(rig, promoted_at, record_figures)
+    assert_quiet_period_opened(rig, new, verdict)
 
 
 def test_master_frozen_past_down_after_then_resumed(
@@ -133,10 +154,11 @@ def test_master_frozen_past_down_after_then_resumed(
     node = topology.node(old)
     start = time.monotonic()
     node.freeze()
-    promoted_at, _new = topology.wait_promotion(old)
+    promoted_at, new = topology.wait_promotion(old)
     rig.promotion_fault("master_freeze", start, promoted_at)
     rig.spawn()  # discovers the new master while the old one comes back
     node.thaw()
     resumed = time.monotonic()
     demoted = demotion_time(rig, old, resumed)
-    settle_and_check(rig, promoted_at, record_figures, old_master_writable=demoted)
+    verdict = settle_and_check(rig, promoted_at, record_figures, old_master_writable=demoted)
+    assert_quiet_period_opened(rig, new, verdict)
