@@ -9,12 +9,12 @@ timeouts and no client-side retries: the owner's state machine does the retrying
 from __future__ import annotations
 
 import re
-from typing import Any, Union
+from typing import Any, Union, cast
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
-from redis.cluster import RedisCluster
+from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import parse_url
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
@@ -24,6 +24,7 @@ __all__ = [
     "client_from",
     "derive_lease_client",
     "describe_client",
+    "parse_cluster_url",
     "parse_sentinel_url",
     "redact_url",
 ]
@@ -32,10 +33,11 @@ __all__ = [
 RedisLike = Union[redis.Redis, str]
 
 _SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
-_URL_SCHEMES = ("redis://", "rediss://", "unix://", *_SENTINEL_SCHEMES)
+_CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+_URL_SCHEMES = ("redis://", "rediss://", "unix://", *_SENTINEL_SCHEMES, *_CLUSTER_SCHEMES)
 # Greedy up to the last "@" of the URL, so a password containing "@" or "/" is covered too.
 _PASSWORD_IN_TEXT = re.compile(
-    r"(?P<scheme>\b(?:rediss?(?:\+sentinel)?|unix)://)(?P<user>[^:@/\s]*):\S*@"
+    r"(?P<scheme>\b(?:rediss?(?:\+sentinel|\+cluster)?|unix)://)(?P<user>[^:@/\s]*):\S*@"
 )
 # ``?password=...`` / ``&sentinel_password=...`` in a URL's query.
 _PASSWORD_IN_QUERY = re.compile(r"(?i)(?P<name>[?&][a-z_]*password=)[^&\s]*")
@@ -127,7 +129,7 @@ def _sentinel_address(item: str, url: str) -> tuple[str, int]:
     else:
         host, _, port = item.partition(":")
     if not host or (port and not port.isdigit()):
-        raise ValueError(f"bad sentinel address {item!r} in {redact_url(url)!r}")
+        raise ValueError(f"bad address {item!r} in {redact_url(url)!r}")
     return unquote(host), int(port) if port else SENTINEL_PORT
 
 
@@ -141,12 +143,60 @@ def _sentinel_client(url: str) -> redis.Redis:
     return client
 
 
+def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """Split a Cluster URL into (startup nodes, client kwargs).
+
+    The form is ``redis+cluster://[[user]:password@]host[:port][,host[:port]...][/][?options]``
+    (``rediss+cluster://`` for TLS); a port defaults to 6379, options are those of
+    ``redis://`` URLs. A cluster has only database 0.
+    """
+    if not url.startswith(_CLUSTER_SCHEMES):
+        raise ValueError(f"not a Cluster URL: {redact_url(url)!r}")
+    scheme, _, rest = url.partition("+cluster://")
+    netloc, _, path_query = rest.partition("/")
+    path, _, query = path_query.partition("?")
+    if "?" in netloc:  # no "/" before the query
+        netloc, _, query = netloc.partition("?")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if path.strip("/") not in ("", "0"):
+        raise ValueError(f"a Redis Cluster has only database 0, got {redact_url(url)!r}")
+    nodes = []
+    for item in hosts.split(","):
+        if item.strip():
+            host, port = _sentinel_address(item, url)
+            nodes.append((host, 6379 if port == SENTINEL_PORT and ":" not in item else port))
+    if not nodes:
+        raise ValueError(f"a Cluster URL needs at least one host:port, got {redact_url(url)!r}")
+    plain = f"{scheme}://{userinfo}{at}cluster/0{'?' + query if query else ''}"
+    kwargs: dict[str, Any] = parse_url(plain)  # type: ignore[no-untyped-call]
+    for name in ("host", "port", "db"):
+        kwargs.pop(name, None)
+    if kwargs.pop("connection_class", None) is not None:
+        kwargs["ssl"] = True
+    return nodes, kwargs
+
+
+def _cluster_client(url: str) -> redis.Redis:
+    nodes, kwargs = parse_cluster_url(url)
+    startup = [ClusterNode(host, port) for host, port in nodes]  # type: ignore[no-untyped-call]
+    cluster = RedisCluster(startup_nodes=startup, **kwargs)
+    return _as_client(cluster)
+
+
+def _as_client(cluster: RedisCluster) -> redis.Redis:
+    """A RedisCluster offers the command API the owner uses (scripts, pubsub, pipelines are
+    routed by key); the lease (``Lease``) tells the two apart at run time."""
+    return cast(redis.Redis, cluster)
+
+
 def client_from(redis_or_url: object, *, parameter: str = "redis") -> redis.Redis:
     """Turn the user's ``redis`` argument into a client; a clear error when it is neither.
 
-    URLs: ``redis://``, ``rediss://``, ``unix://`` (redis-py's forms) and
+    URLs: ``redis://``, ``rediss://``, ``unix://`` (redis-py's forms),
     ``redis+sentinel://`` / ``rediss+sentinel://`` (see `parse_sentinel_url`), which give a
-    client that follows the master Sentinel names.
+    client that follows the master Sentinel names, and ``redis+cluster://`` /
+    ``rediss+cluster://`` (see `parse_cluster_url`). A ``redis.cluster.RedisCluster`` is
+    accepted as it is (typed as ``redis.Redis`` here; it connects when created).
     """
     if isinstance(redis_or_url, str):
         if not redis_or_url.startswith(_URL_SCHEMES):
@@ -160,14 +210,16 @@ def client_from(redis_or_url: object, *, parameter: str = "redis") -> redis.Redi
                 return _sentinel_client(redis_or_url)
             except ValueError as exc:
                 raise ValueError(f"{parameter}: {exc}") from None
+        if redis_or_url.startswith(_CLUSTER_SCHEMES):
+            try:
+                return _cluster_client(redis_or_url)
+            except ValueError as exc:
+                raise ValueError(f"{parameter}: {exc}") from None
         return redis.Redis.from_url(redis_or_url)
     if isinstance(redis_or_url, redis.Redis):
         return redis_or_url
     if isinstance(redis_or_url, RedisCluster):
-        raise TypeError(
-            f"{parameter}: Redis Cluster clients are not supported; pass a redis.Redis client "
-            "or URL for one node (the lease keys share one hash tag, so one slot)"
-        )
+        return _as_client(redis_or_url)
     raise TypeError(
         f"{parameter} must be a redis.Redis client or a URL string, got "
         f"{type(redis_or_url).__name__}"
@@ -177,8 +229,13 @@ def client_from(redis_or_url: object, *, parameter: str = "redis") -> redis.Redi
 def derive_lease_client(client: redis.Redis, *, timeout: float) -> redis.Redis:
     """A new client on the same server as ``client``, with bounded timeouts and no retries.
 
-    ``timeout`` bounds both connecting and each socket read/write, in seconds.
+    ``timeout`` bounds both connecting and each socket read/write, in seconds. For a
+    ``RedisCluster``: a new cluster client on the same nodes (it connects now, to learn the
+    slots), with the same bounds; redirects are followed by the lease itself.
     """
+    cluster: object = client  # typed redis.Redis, see _as_client
+    if isinstance(cluster, RedisCluster):
+        return _as_client(_derive_cluster(cluster, timeout))
     pool = client.connection_pool
     kwargs: dict[str, Any] = {
         key: value
@@ -213,6 +270,36 @@ def derive_lease_client(client: redis.Redis, *, timeout: float) -> redis.Redis:
     return redis.Redis(connection_pool=new_pool)
 
 
+# Connection kwargs a RedisCluster adds for itself; the new cluster client adds its own.
+_CLUSTER_INTERNAL = ("redis_connect_func", "himport_registry", "event_dispatcher", "host", "port")
+
+
+def _derive_cluster(cluster: RedisCluster, timeout: float) -> RedisCluster:
+    kwargs: dict[str, Any] = {
+        key: value
+        for key, value in cluster.nodes_manager.connection_kwargs.items()
+        if key not in _CLUSTER_INTERNAL
+        and not key.startswith(("maint_notifications", "orig_", "oss_cluster"))
+    }
+    kwargs.pop("retry", None)
+    kwargs.update(
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry_on_error=[],
+        health_check_interval=0,
+    )
+    nodes = [
+        ClusterNode(node.host, node.port)  # type: ignore[no-untyped-call]
+        for node in cluster.get_nodes()  # type: ignore[no-untyped-call]
+    ]
+    # Creating the client asks a node for the slots and the command table; a dead node
+    # (a master being failed over) must not make that fail: one retry per node, here only.
+    # Afterwards no cluster-level retries: the owner's machine does the retrying.
+    derived = RedisCluster(startup_nodes=nodes, retry=Retry(NoBackoff(), len(nodes)), **kwargs)
+    derived.set_retry(Retry(NoBackoff(), 0))
+    return derived
+
+
 def _bounded_sentinel(manager: Sentinel, timeout: float) -> Sentinel:
     """A copy of ``manager`` whose sentinel calls together take at most ``timeout`` seconds.
 
@@ -244,6 +331,15 @@ def _bounded_sentinel(manager: Sentinel, timeout: float) -> Sentinel:
 
 def describe_client(client: redis.Redis) -> str:
     """A password-free description of where ``client`` connects, for logs and reprs."""
+    cluster: object = client  # typed redis.Redis, see _as_client
+    if isinstance(cluster, RedisCluster):
+        kw = cluster.nodes_manager.connection_kwargs
+        nodes = ",".join(
+            _host_port({"host": n.host, "port": n.port})
+            for n in cluster.get_nodes()  # type: ignore[no-untyped-call]
+        )
+        scheme = "rediss" if kw.get("ssl") or "SSL" in str(kw.get("connection_class")) else "redis"
+        return f"{scheme}+cluster://{_auth(kw)}{nodes}"
     pool = client.connection_pool
     kw = pool.connection_kwargs
     if isinstance(pool, SentinelConnectionPool):

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, TypeVar, Union
 
 import redis
 from redis import exceptions as rex
+from redis.cluster import RedisCluster
 
 from mutexowner.errors import ForkedOwnerError, LeaseError, RedisFatalError, RedisTransientError
 
@@ -39,6 +40,11 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+
+#: A standalone/Sentinel client, or a Redis Cluster client (the lease's keys share one slot).
+LeaseClient = Union[redis.Redis, RedisCluster]
+#: MOVED/ASK redirects one lease call follows before it gives up (a transient error).
+MAX_REDIRECTS = 3
 
 #: Bits of randomness in every acquisition token (DESIGN invariant 1 asks for >= 128).
 TOKEN_BYTES = 16
@@ -341,7 +347,7 @@ class Lease:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: LeaseClient,
         name: str,
         *,
         ttl: float,
@@ -359,13 +365,15 @@ class Lease:
         #: last reply (so a standalone server never sees a WAIT).
         self._expect_replicas = self.replicas.min_replicas or 0
         self._client = client
+        self._cluster = client if isinstance(client, RedisCluster) else None
+        self._refresh_slots = False
         self._pid = os.getpid()
         self._acquire = client.register_script(ACQUIRE_LUA)
         self._release = client.register_script(RELEASE_LUA)
         self._inspect = client.register_script(INSPECT_LUA)
 
     @property
-    def client(self) -> redis.Redis:
+    def client(self) -> LeaseClient:
         return self._client
 
     def acquire(self, token: str) -> LeaseResult:
@@ -440,9 +448,12 @@ class Lease:
         The connections are dropped so that the next call asks Sentinel where the master is:
         an old master cut off from its replicas is exactly what this check exists to catch.
         """
-        # A failing disconnect must not hide the real result.
-        with contextlib.suppress(Exception):
-            self._client.connection_pool.disconnect()
+        if self._cluster is not None:
+            self._refresh_slots = True  # the shard may have failed over: ask the cluster
+        else:
+            # A failing disconnect must not hide the real result.
+            with contextlib.suppress(Exception):
+                self._client.connection_pool.disconnect()  # type: ignore[union-attr]
         connected = _int_or_none(reply[4]) if len(reply) > 4 else None
         raise RedisTransientError(
             f"the lease write was acknowledged by {acked} of the {need} replica(s) required "
@@ -460,29 +471,82 @@ class Lease:
 
         One round trip (a pipeline); two if Redis forgot the script. Returns the script's
         reply and the number of replicas that acknowledged it (None when not asked).
+        On a Redis Cluster the pipeline goes to the master of the keys' slot and follows
+        ``MOVED``/``ASK`` (at most `MAX_REDIRECTS` times).
         """
+        if self._cluster is not None:
+            cluster = self._cluster
+            return self._run(lambda: self._cluster_call(cluster, keys, args, wait_for))
+        client = self._client
+        assert isinstance(client, redis.Redis)
+        return self._run(lambda: self._node_call(client, keys, args, wait_for, asking=False))
+
+    def _node_call(
+        self,
+        node: redis.Redis,
+        keys: list[str],
+        args: list[str],
+        wait_for: int,
+        *,
+        asking: bool,
+    ) -> tuple[Any, Optional[int]]:
         script = self._acquire
 
         def attempt() -> list[Any]:
-            pipe = self._client.pipeline(transaction=False)
+            pipe = node.pipeline(transaction=False)
+            if asking:
+                pipe.execute_command("ASKING")  # type: ignore[no-untyped-call]
             pipe.evalsha(script.sha, len(keys), *keys, *args)
             if wait_for > 0:
                 pipe.execute_command(  # type: ignore[no-untyped-call]
                     "WAIT", wait_for, self.replicas.timeout_ms
                 )
-            return list(pipe.execute(raise_on_error=False))
+            return list(pipe.execute(raise_on_error=False))[1 if asking else 0 :]
 
-        def call() -> tuple[Any, Optional[int]]:
+        replies = attempt()
+        if isinstance(replies[0], rex.NoScriptError):
+            node.script_load(script.script)
             replies = attempt()
-            if isinstance(replies[0], rex.NoScriptError):
-                self._client.script_load(script.script)
-                replies = attempt()
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
-            return replies[0], (int(replies[1]) if wait_for > 0 else None)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies[0], (int(replies[1]) if wait_for > 0 else None)
 
-        return self._run(call)
+    def _cluster_call(
+        self, cluster: RedisCluster, keys: list[str], args: list[str], wait_for: int
+    ) -> tuple[Any, Optional[int]]:
+        manager = cluster.nodes_manager
+        if self._refresh_slots:
+            # The last call could not reach the slot's master: it may have failed over.
+            self._refresh_slots = False
+            manager.initialize()
+        ask: Optional[tuple[str, int]] = None
+        for _ in range(MAX_REDIRECTS + 1):
+            if ask is not None:
+                target = cluster.get_node(  # type: ignore[no-untyped-call]
+                    host=ask[0], port=ask[1]
+                )
+                if target is None:
+                    raise RedisTransientError(
+                        f"cluster: ASK to unknown node {ask[0]}:{ask[1]}", kind="cluster"
+                    )
+            else:
+                target = cluster.get_node_from_key(keys[0])  # type: ignore[no-untyped-call]
+            node = cluster.get_redis_connection(target)
+            try:
+                return self._node_call(node, keys, args, wait_for, asking=ask is not None)
+            except rex.MovedError as moved:
+                manager.move_slot(moved)  # the slot lives elsewhere now: follow it
+                ask = None
+            except rex.AskError as redirect:
+                ask = (redirect.host, redirect.port)  # mid-migration: this call only
+            except (rex.ConnectionError, rex.TimeoutError):
+                self._refresh_slots = True
+                raise
+        raise RedisTransientError(
+            f"cluster: more than {MAX_REDIRECTS} redirects for slot of {keys[0]!r}",
+            kind="cluster",
+        )
 
     def _parse(self, reply: Any) -> LeaseResult:
         try:

@@ -10,6 +10,7 @@ import pytest
 
 from tests.chaos import figures
 from tests.conftest import REQUIRE_REDIS_ENV, redis_required
+from tests.ha.cluster_topology import ClusterTopology
 from tests.ha.topology import HaConfig, HaRig, SentinelTopology, find_redis_sentinel
 from tests.redis_server import RedisServer
 
@@ -55,6 +56,25 @@ def ha_rig(
     for rig, topology in made:
         rig.close()
         topology.close()
+
+
+@pytest.fixture
+def cluster_rig(
+    redis_server_factory: Callable[..., RedisServer], tmp_path: Path
+) -> Iterator[Callable[..., HaRig]]:
+    """``cluster_rig(config=HaConfig(...))``: a 3+3 Redis Cluster, a fencing store, a rig."""
+    made: list[HaRig] = []
+
+    def make(config: Optional[HaConfig] = None) -> HaRig:
+        config = config or HaConfig()
+        topology = ClusterTopology(redis_server_factory)
+        rig = HaRig(topology, redis_server_factory(), tmp_path / f"rig{len(made)}", config)
+        made.append(rig)
+        return rig
+
+    yield make
+    for rig in made:
+        rig.close()
 
 
 @pytest.fixture

@@ -23,38 +23,13 @@ from mutexowner.lease import LeaseKeys
 from tests.chaos.checker import Verdict
 from tests.chaos.harness import REPO
 from tests.chaos.owner_proc import LEASE_NAME
-from tests.ha.topology import SERVICE, HaConfig, HaRig
+from tests.ha.topology import SERVICE, HaConfig, HaRig, settle_and_check
 from tests.redis_server import poll
 
 pytestmark = [pytest.mark.ha, pytest.mark.redis]
 
 RigFactory = Callable[..., HaRig]
 CONFIG = HaConfig()
-#: Seconds the topology runs after a worker ran again on the new master (stale holders,
-#: late replies and the old master's demotion happen in this window).
-AFTERMATH = 2 * CONFIG.ttl + 1.0
-
-
-def settle_and_check(
-    rig: HaRig, promoted_at: float, record: Callable[..., None], **figures: Any
-) -> Verdict:
-    rig.wait_for_check(promoted_at, CONFIG.promotion_bound + 10.0)
-    rig.pause(AFTERMATH)
-    verdict = rig.finish()
-    rig.assert_ok(verdict)
-    (fault,) = verdict.faults
-    record(
-        recovery=fault.recovery,
-        bound=fault.bound,
-        promotion=fault.clear - fault.start,  # type: ignore[operator]
-        handoffs=verdict.figures["handoffs"],
-        runs=verdict.figures["runs"],
-        fence_rejected=verdict.figures["fence_rejected"],
-        **figures,
-    )
-    return verdict
-
-
 def assert_quiet_period_opened(rig: HaRig, new: int, verdict: Verdict) -> None:
     """The promotion changed the server's run_id, and the lease script noticed it end to end.
 

@@ -13,6 +13,7 @@ from mutexowner.connection import (
     client_from,
     derive_lease_client,
     describe_client,
+    parse_cluster_url,
     parse_sentinel_url,
     redact_text,
     redact_url,
@@ -51,7 +52,7 @@ def test_parse_tls_applies_to_master_and_sentinels() -> None:
         ("redis+sentinel://:pw@h1:26379/", "needs a service name"),
         ("redis+sentinel://:pw@h1/svc/0/extra", "needs a service name"),
         ("redis+sentinel://:pw@/svc", "at least one host"),
-        ("redis+sentinel://:pw@h1:port/svc", "bad sentinel address"),
+        ("redis+sentinel://:pw@h1:port/svc", "bad address"),
         ("redis+sentinel://:pw@h1/svc/zero", "db of a Sentinel URL must be an integer"),
     ],
 )
@@ -112,3 +113,34 @@ def test_mutex_owner_accepts_the_sentinel_url() -> None:
     owner = MutexOwner("redis+sentinel://:pw@127.0.0.1:1/mymaster/1", "job", ttl=3)
     assert isinstance(owner._base_client, redis.Redis)
     assert "pw" not in repr(owner._redis_description)
+
+
+def test_parse_cluster_url() -> None:
+    nodes, kwargs = parse_cluster_url("redis+cluster://:pw@10.0.0.1:7000,node-b,[::1]:7002")
+    assert nodes == [("10.0.0.1", 7000), ("node-b", 6379), ("::1", 7002)]
+    assert kwargs == {"password": "pw"}
+    nodes, kwargs = parse_cluster_url("rediss+cluster://u:p@h:7000/?ssl_cert_reqs=none")
+    assert nodes == [("h", 7000)]
+    assert kwargs == {"username": "u", "password": "p", "ssl": True, "ssl_cert_reqs": "none"}
+    _, kwargs = parse_cluster_url("redis+cluster://h:7000?socket_timeout=3")
+    assert kwargs == {"socket_timeout": 3.0}
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis+cluster://:pw@h:7000/1", "only database 0"),
+        ("redis+cluster://:pw@", "at least one host"),
+        ("redis+cluster://:pw@h:port", "bad address"),
+    ],
+)
+def test_bad_cluster_urls_are_refused_without_the_password(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as error:
+        client_from(url)
+    assert "pw" not in str(error.value).replace("password", "")
+
+
+def test_cluster_url_passwords_are_redacted() -> None:
+    url = "redis+cluster://app:s3cret@h1:7000,h2:7001"
+    assert redact_url(url) == "redis+cluster://app:***@h1:7000,h2:7001"
+    assert "s3cret" not in redact_text(f"cannot reach {url}")

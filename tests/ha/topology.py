@@ -28,7 +28,14 @@ from tests.chaos.harness import ChaosConfig, ChaosRig, OwnerProcess
 from tests.chaos.ledger import Ledger
 from tests.redis_server import LOOPBACK, RedisServer, poll
 
-__all__ = ["SERVICE", "HaConfig", "HaRig", "SentinelProcess", "SentinelTopology"]
+__all__ = [
+    "SERVICE",
+    "HaConfig",
+    "HaRig",
+    "SentinelProcess",
+    "SentinelTopology",
+    "settle_and_check",
+]
 
 SERVICE = "mymaster"
 
@@ -269,11 +276,11 @@ class SentinelTopology:
 
 
 class HaRig(ChaosRig):
-    """`ChaosRig` on a Sentinel topology: owners use the topology's sentinel URL."""
+    """`ChaosRig` on a replicated topology: owners use the topology's URL, no proxies."""
 
     def __init__(
         self,
-        topology: SentinelTopology,
+        topology: Any,
         store_server: RedisServer,
         tmp_path: Path,
         config: HaConfig,
@@ -281,6 +288,7 @@ class HaRig(ChaosRig):
         # Not ChaosRig.__init__: the Redis under test is a topology, not one server.
         self.config = config
         self.topology = topology
+        self.url: str = topology.url
         self.t0 = time.monotonic()
         self.server = topology.nodes[0]
         self.store_server = store_server
@@ -298,7 +306,7 @@ class HaRig(ChaosRig):
         self._serial += 1
         identity = identity or f"o{self._serial}"
         owner = OwnerProcess(
-            identity, self.topology.url, self.store_server.url, self.ledger_dir, self.config
+            identity, self.url, self.store_server.url, self.ledger_dir, self.config
         )
         self.owners[identity] = owner
         return owner.start()
@@ -315,3 +323,29 @@ class HaRig(ChaosRig):
         )
         self.faults.append(fault)
         return fault
+
+
+def settle_and_check(
+    rig: HaRig, since: float, record: Callable[..., None], **figures: Any
+) -> checker.Verdict:
+    """Wait for a worker check after ``since``, let the topology run ``2 ttl + 1`` seconds
+    more (stale holders, late replies, demotions happen there), stop every owner, assert the
+    chaos checker's verdict and record the figures of the (single) fault."""
+    config = rig.config
+    assert isinstance(config, HaConfig)
+    rig.wait_for_check(since, config.promotion_bound + 10.0)
+    rig.pause(2 * config.ttl + 1.0)
+    verdict = rig.finish()
+    rig.assert_ok(verdict)
+    (fault,) = verdict.faults
+    assert fault.clear is not None
+    record(
+        recovery=fault.recovery,
+        bound=fault.bound,
+        promotion=fault.clear - fault.start,
+        handoffs=verdict.figures["handoffs"],
+        runs=verdict.figures["runs"],
+        fence_rejected=verdict.figures["fence_rejected"],
+        **figures,
+    )
+    return verdict
