@@ -587,5 +587,12 @@ class Lease:
             )
         try:
             return call()
+        except rex.RedisClusterException as exc:
+            # Not a RedisError in redis-py: "cannot be connected", slot not covered. A cluster
+            # being failed over or resharded, so transient (classify_error would call it
+            # unexpected).
+            raise RedisTransientError(
+                f"cluster not ready: {exc or type(exc).__name__}", kind="cluster"
+            ) from exc
         except Exception as exc:  # classified once, here
             raise classify_error(exc) from exc

@@ -8,11 +8,13 @@ holders, a worker running again within the bound, no process dying or logging an
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable
 
 import pytest
 
+from mutexowner import MutexOwner
 from mutexowner.connection import client_from, derive_lease_client, describe_client
 from mutexowner.lease import Acquired, Lease, LeaseKeys, Renewed, new_token
 from mutexowner.testing import mark_epoch
@@ -114,3 +116,47 @@ def test_fifty_leases_over_the_slots_from_one_process(
         assert isinstance(lease.renew(token, result.fencing_token), Renewed)  # type: ignore[union-attr]
         assert lease.inspect().holder == "one"
         assert lease.release(token)
+
+
+def told_taken(owner: MutexOwner) -> bool:
+    return (owner.status().next_attempt_in or 0.0) > 5.0
+
+
+def test_release_notice_hands_off_on_a_cluster(
+    redis_server_factory: Callable[..., RedisServer], record_figures: Callable[..., None]
+) -> None:
+    # Classic PUBLISH (in the release script) is broadcast to every node, so the standby's
+    # subscription works on whatever node it landed. With ttl 10 s a standby that missed the
+    # notice would sleep until the holder's key expired (seconds); the notice wakes it.
+    topology = ClusterTopology(redis_server_factory)
+    mark_epoch(client_from(topology.url), "handoff")
+    channel = LeaseKeys("handoff").channel
+
+    def subscribers() -> int:  # PUBSUB NUMSUB counts a node's own subscribers only
+        total = 0
+        for node in topology.nodes:
+            reply = topology.client(node.port).pubsub_numsub(channel)
+            total += int(reply[0][1]) if reply else 0
+        return total
+
+    gaps = []
+    for round_ in range(5):
+        first = MutexOwner(topology.url, "handoff", ttl=10, identity=f"a{round_}")
+        second = MutexOwner(topology.url, "handoff", ttl=10, identity=f"b{round_}")
+        try:
+            first.start()
+            assert first.wait_until_holding(15)
+            second.start()
+            # Really waiting: both release subscriptions live, and the standby was told
+            # "taken" (its next attempt is about one ttl away, not a poll).
+            assert poll(lambda: subscribers() >= 2, 5.0)
+            assert poll(functools.partial(told_taken, second), 5.0)
+            started = time.monotonic()
+            assert first.stop(10)
+            assert second.wait_until_holding(5)
+            gaps.append(time.monotonic() - started)
+        finally:
+            first.stop(10)
+            second.stop(10)
+    assert max(gaps) < 2.0, gaps
+    record_figures(handoff_median=sorted(gaps)[2], handoff_max=max(gaps))

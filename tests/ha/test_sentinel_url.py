@@ -6,6 +6,7 @@ import time
 
 import pytest
 import redis
+from redis import exceptions as rex
 from redis.sentinel import SentinelConnectionPool, SentinelManagedSSLConnection
 
 from mutexowner import MutexOwner
@@ -20,6 +21,7 @@ from mutexowner.connection import (
 )
 from mutexowner.errors import RedisTransientError
 from mutexowner.lease import Lease, new_token
+from mutexowner.testing import fake_redis
 from tests.redis_server import free_port
 
 
@@ -144,3 +146,16 @@ def test_cluster_url_passwords_are_redacted() -> None:
     url = "redis+cluster://app:s3cret@h1:7000,h2:7001"
     assert redact_url(url) == "redis+cluster://app:***@h1:7000,h2:7001"
     assert "s3cret" not in redact_text(f"cannot reach {url}")
+
+
+def test_cluster_client_exceptions_are_transient() -> None:
+    # redis-py's RedisClusterException is not a RedisError; a slot not covered (a cluster
+    # being failed over) must not be reported as an unexpected, fatal error.
+    lease = Lease(fake_redis(), "job", ttl=1, identity="A")
+
+    def uncovered() -> None:
+        raise rex.SlotNotCoveredError("slot 866 is not covered by the cluster")
+
+    with pytest.raises(RedisTransientError) as error:
+        lease._run(uncovered)
+    assert error.value.kind == "cluster"
