@@ -16,7 +16,7 @@ import secrets
 import socket
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Callable, Optional, TypeVar, Union
+from typing import Any, Callable, Optional, TypeVar, Union, cast
 
 import redis
 from redis import exceptions as rex
@@ -373,8 +373,10 @@ class Lease:
         self._inspect = client.register_script(INSPECT_LUA)
 
     @property
-    def client(self) -> LeaseClient:
-        return self._client
+    def client(self) -> redis.Redis:
+        # A RedisCluster is typed as redis.Redis outside this module (see
+        # connection._as_client); it has no ``connection_pool``.
+        return cast(redis.Redis, self._client)
 
     def acquire(self, token: str) -> LeaseResult:
         """Take the key if it is free (or already ours); report the holder if it is not."""
