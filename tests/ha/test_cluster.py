@@ -98,12 +98,12 @@ def test_fifty_leases_over_the_slots_from_one_process(
     redis_server_factory: Callable[..., RedisServer],
 ) -> None:
     topology = ClusterTopology(redis_server_factory)
-    client = derive_lease_client(client_from(topology.url), timeout=1.0)
+    client = derive_lease_client(client_from(topology.url), timeout=5.0)
     assert describe_client(client).startswith("redis+cluster://127.0.0.1:")
     names = [f"job-{i}" for i in range(50)]
     for name in names:
         mark_epoch(client, name)
-    leases = [Lease(client, name, ttl=10, identity="one", call_timeout=1.0) for name in names]
+    leases = [Lease(client, name, ttl=10, identity="one", call_timeout=5.0) for name in names]
     tokens = [new_token() for _ in names]
     results = [lease.acquire(token) for lease, token in zip(leases, tokens)]
     assert all(isinstance(r, Acquired) for r in results), results
