@@ -378,6 +378,13 @@ class Lease:
         # connection._as_client); it has no ``connection_pool``.
         return cast(redis.Redis, self._client)
 
+    def close(self) -> None:
+        """Close this lease's connections (for a cluster client: every node's)."""
+        if self._cluster is not None:
+            self._cluster.close()
+        else:
+            self._client.connection_pool.disconnect()  # type: ignore[union-attr]
+
     def acquire(self, token: str) -> LeaseResult:
         """Take the key if it is free (or already ours); report the holder if it is not."""
         return self._acquire_or_renew(token, own_fence=None)

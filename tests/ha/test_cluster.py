@@ -9,6 +9,8 @@ holders, a worker running again within the bound, no process dying or logging an
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -19,6 +21,7 @@ from mutexowner.connection import client_from, derive_lease_client, describe_cli
 from mutexowner.lease import Acquired, Lease, LeaseKeys, Renewed, new_token
 from mutexowner.testing import mark_epoch
 from tests.chaos import checker
+from tests.chaos.harness import REPO
 from tests.chaos.owner_proc import LEASE_NAME
 from tests.ha.cluster_topology import ClusterTopology, key_slot
 from tests.ha.topology import HaConfig, HaRig, settle_and_check
@@ -116,6 +119,16 @@ def test_fifty_leases_over_the_slots_from_one_process(
         assert isinstance(lease.renew(token, result.fencing_token), Renewed)  # type: ignore[union-attr]
         assert lease.inspect().holder == "one"
         assert lease.release(token)
+    # The CLI through the Cluster URL, as a user runs it: a one-shot command. (`status`
+    # needs inspection.LeaseReader.close() to stop assuming a connection_pool.)
+    cli = [sys.executable, "-m", "mutexowner.cli"]
+    done = subprocess.run(
+        [*cli, "run", "--redis", topology.url, "--key", "job-0", "--ttl", "3", "--identity",
+         "cli-host", "--once", "--", sys.executable, "-c", "print('ran')"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "ran" in done.stdout
 
 
 def told_taken(owner: MutexOwner) -> bool:

@@ -53,6 +53,8 @@ def test_a_standalone_server_never_sees_a_wait(redis_server: RedisServer) -> Non
     assert isinstance(acquired, Acquired)
     assert isinstance(lease.renew(token, acquired.fencing_token), Renewed)
     assert wait_calls(redis_server.client()) == 0
+    lease.close()  # closes the connections; the next call reconnects
+    assert isinstance(lease.renew(token, acquired.fencing_token), Renewed)
 
 
 def test_writes_are_confirmed_by_a_replica_and_the_replica_has_them(
