@@ -58,9 +58,10 @@ SCRIPT_COMMANDS: frozenset[str] = script_commands()
 
 #: Commands the library sends itself: scripts by SHA (redis-py's ``Script`` loads a script
 #: again after NOSCRIPT; it never sends EVAL), and the release listener's subscription (it
-#: leaves by closing the connection, without UNSUBSCRIBE). PUBLISH is sent by the release
-#: script only.
-CLIENT_COMMANDS: frozenset[str] = frozenset({"evalsha", "script|load", "subscribe"})
+#: leaves by closing the connection, without UNSUBSCRIBE), and ``WAIT`` after an acquire or
+#: renewal when the master has (or had) replicas (docs/ha.md). PUBLISH is sent by the
+#: release script only.
+CLIENT_COMMANDS: frozenset[str] = frozenset({"evalsha", "script|load", "subscribe", "wait"})
 
 #: Sent only when configured: ``SELECT`` on connect for a database other than 0, ``CLIENT
 #: SETNAME`` for a ``client_name``, ``PING`` for a Sentinel pool with ``check_connection``.
@@ -89,7 +90,16 @@ _CHANNEL_COMMANDS = frozenset({"publish", "subscribe"})
 
 
 def _command_order(command: str) -> tuple[int, str]:
-    order = ("evalsha", "script|load", "subscribe", "publish", "select", "client|setname", "ping")
+    order = (
+        "evalsha",
+        "script|load",
+        "wait",
+        "subscribe",
+        "publish",
+        "select",
+        "client|setname",
+        "ping",
+    )
     return (order.index(command), "") if command in order else (len(order), command)
 
 
@@ -324,6 +334,14 @@ def check_permissions(
     if keys_refused:
         missing_keys.append(f"{keys.tag}:*")
     channel_missing |= _try_subscribe(client, [keys.channel], missing)
+    try:
+        client.execute_command("WAIT", 0, 0)  # type: ignore[no-untyped-call]  # returns at once
+    except rex.ResponseError as exc:
+        if _denied(exc):
+            denied_command(exc, "wait")
+        elif "unknown command" not in str(exc).lower():
+            raise
+        # A server without WAIT has no replicas to wait for: the lease never sends it there.
     ordered = tuple(sorted(dict.fromkeys(missing), key=_command_order))
     return AclCheck(
         user=who,

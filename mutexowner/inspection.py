@@ -237,7 +237,7 @@ class LeaseReader:
         with self._lock:
             lease, self._lease = self._lease, None
         if lease is not None:
-            lease.client.connection_pool.disconnect()
+            lease.close()
 
 
 def format_view(view: LeaseView) -> str:

@@ -9,7 +9,9 @@ This module is the only place Redis exceptions are classified.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
 import os
 import re
 import secrets
@@ -17,10 +19,11 @@ import socket
 import ssl
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, TypeVar, Union, cast
 
 import redis
 from redis import exceptions as rex
+from redis.cluster import RedisCluster
 
 from mutexowner.errors import ForkedOwnerError, LeaseError, RedisFatalError, RedisTransientError
 
@@ -32,12 +35,20 @@ __all__ = [
     "LeaseResult",
     "Quiet",
     "Renewed",
+    "ReplicaPolicy",
     "Retaken",
     "Taken",
     "classify_error",
     "new_token",
     "unwrap_script_error",
 ]
+
+_T = TypeVar("_T")
+
+#: A standalone/Sentinel client, or a Redis Cluster client (the lease's keys share one slot).
+LeaseClient = Union[redis.Redis, RedisCluster]
+#: MOVED/ASK redirects one lease call follows before it gives up (a transient error).
+MAX_REDIRECTS = 3
 
 #: Bits of randomness in every acquisition token (DESIGN invariant 1 asks for >= 128).
 TOKEN_BYTES = 16
@@ -160,6 +171,73 @@ class LeaseKeys:
 
     def all(self) -> tuple[str, str, str]:
         return (self.lease, self.fence, self.epoch)
+
+
+#: ``min_replicas_timeout`` when neither it nor ``call_timeout`` is given, seconds.
+DEFAULT_MIN_REPLICAS_TIMEOUT = 0.5
+#: Default ``min_replicas_timeout`` as a share of ``call_timeout``: the rest of the call's
+#: socket timeout is left for the round trip itself.
+MIN_REPLICAS_TIMEOUT_SHARE = 0.75
+
+
+@dataclass(frozen=True)
+class ReplicaPolicy:
+    """How many replicas must acknowledge an acquire/renew before it counts (invariant 10).
+
+    ``min_replicas=None`` (the default, "auto"): one replica, when the master has replicas
+    now or this dataset was ever seen on a master with replicas (a sticky mark in the
+    epoch hash, replicated with it: an old master cut off from its replicas still
+    requires one). ``0``: never wait (no replication check). ``N >= 1``: always N.
+    ``timeout`` is the ``WAIT`` timeout in seconds; it must leave the reply time to arrive
+    within ``call_timeout``.
+    """
+
+    min_replicas: Optional[int]
+    timeout: float
+
+    def __post_init__(self) -> None:
+        n = self.min_replicas
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ValueError(f"min_replicas must be None (auto) or an int >= 0, got {n!r}")
+        t = self.timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            raise ValueError(f"min_replicas_timeout must be a finite number > 0, got {t!r}")
+        if t <= 0:
+            raise ValueError(f"min_replicas_timeout must be > 0 (seconds), got {t!r}")
+
+    @classmethod
+    def build(
+        cls,
+        min_replicas: Optional[int],
+        timeout: Optional[float],
+        call_timeout: Optional[float],
+    ) -> ReplicaPolicy:
+        if timeout is None:
+            timeout = (
+                call_timeout * MIN_REPLICAS_TIMEOUT_SHARE
+                if call_timeout
+                else DEFAULT_MIN_REPLICAS_TIMEOUT
+            )
+        policy = cls(min_replicas, timeout)
+        if call_timeout is not None and not policy.timeout < call_timeout:
+            raise ValueError(
+                f"min_replicas_timeout must be < call_timeout ({call_timeout:g}): the WAIT "
+                f"reply has to arrive within the call's socket timeout, got {timeout!r}"
+            )
+        return policy
+
+    @property
+    def timeout_ms(self) -> int:
+        # WAIT's timeout 0 means "forever": never send it.
+        return max(1, round(self.timeout * 1000))
+
+    def required(self, reply: Any) -> int:
+        """Replicas this successful script reply must be acknowledged by."""
+        if self.min_replicas is not None:
+            return self.min_replicas
+        replicas = _int_or_none(reply[4]) if len(reply) > 4 else None
+        replicated = _text(reply[5]) == "1" if len(reply) > 5 else False
+        return 1 if replicated or (replicas or 0) > 0 else 0
 
 
 def validate_name(name: object, parameter: str = "name") -> str:
@@ -392,17 +470,26 @@ class Lease:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: LeaseClient,
         name: str,
         *,
         ttl: float,
         identity: str,
         prefix: str = "mutexowner",
+        min_replicas: Optional[int] = None,
+        min_replicas_timeout: Optional[float] = None,
+        call_timeout: Optional[float] = None,
     ) -> None:
         self.keys = LeaseKeys(validate_name(name), prefix)
         self.ttl_ms = max(1, round(ttl * 1000))
         self.identity = identity
+        self.replicas = ReplicaPolicy.build(min_replicas, min_replicas_timeout, call_timeout)
+        #: Replicas the next acquire/renew WAITs for in the same round trip, learnt from the
+        #: last reply (so a standalone server never sees a WAIT).
+        self._expect_replicas = self.replicas.min_replicas or 0
         self._client = client
+        self._cluster = client if isinstance(client, RedisCluster) else None
+        self._refresh_slots = False
         self._pid = os.getpid()
         self._acquire = client.register_script(ACQUIRE_LUA)
         self._release = client.register_script(RELEASE_LUA)
@@ -410,7 +497,16 @@ class Lease:
 
     @property
     def client(self) -> redis.Redis:
-        return self._client
+        # A RedisCluster is typed as redis.Redis outside this module (see
+        # connection._as_client); it has no ``connection_pool``.
+        return cast(redis.Redis, self._client)
+
+    def close(self) -> None:
+        """Close this lease's connections (for a cluster client: every node's)."""
+        if self._cluster is not None:
+            self._cluster.close()
+        else:
+            self._client.connection_pool.disconnect()  # type: ignore[union-attr]
 
     def acquire(self, token: str) -> LeaseResult:
         """Take the key if it is free (or already ours); report the holder if it is not."""
@@ -422,7 +518,7 @@ class Lease:
 
     def release(self, token: str) -> bool:
         """Delete the key if it still holds ``token`` and notify standbys; False if not ours."""
-        reply = self._run(
+        reply = self._run_script(
             self._release,
             keys=[self.keys.lease],
             args=[token, self.keys.channel, self.identity],
@@ -431,7 +527,7 @@ class Lease:
 
     def inspect(self) -> LeaseInfo:
         """Who holds the lease, for how long, and the fencing counter (no token revealed)."""
-        reply = self._run(self._inspect, keys=list(self.keys.all()), args=[])
+        reply = self._run_script(self._inspect, keys=list(self.keys.all()), args=[])
         identity, fence, pttl, counter, quiet_ms = (_text(v) for v in reply[:5])
         epoch_present = bool(int(reply[7])) if len(reply) > 7 else True
         pttl_ms = int(pttl)
@@ -447,18 +543,142 @@ class Lease:
         )
 
     def _acquire_or_renew(self, token: str, own_fence: Optional[int]) -> LeaseResult:
-        reply = self._run(
-            self._acquire,
-            keys=list(self.keys.all()),
-            args=[
-                token,
-                self.identity,
-                str(self.ttl_ms),
-                "" if own_fence is None else str(own_fence),
-                new_token(),
-            ],
+        keys = list(self.keys.all())
+        args = [
+            token,
+            self.identity,
+            str(self.ttl_ms),
+            "" if own_fence is None else str(own_fence),
+            new_token(),
+        ]
+        first: Optional[LeaseResult] = None
+        # Twice at most: when the reply asks for more replicas than this call WAITed for (the
+        # first call, or replicas just appeared), the script runs again with the right WAIT on
+        # the same pipeline. Running it again is idempotent: the key already holds our token.
+        for _ in range(2):
+            wait_for = self._expect_replicas
+            reply, acked = self._run_with_wait(keys, args, wait_for)
+            result = self._parse(reply)
+            if isinstance(result, (Taken, Quiet)):
+                return result
+            first = first or result
+            need = self.replicas.required(reply)
+            self._expect_replicas = need
+            if need == 0:
+                return first
+            if wait_for >= need:
+                if acked is not None and acked >= need:
+                    return first
+                self._not_replicated(need, acked or 0, reply)
+        # The replica count changed between the two runs: not confirmed this time.
+        self._not_replicated(self._expect_replicas, 0, reply)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _not_replicated(self, need: int, acked: int, reply: Any) -> None:
+        """The write reached the master but not enough replicas: not confirmed (transient).
+
+        The connections are dropped so that the next call asks Sentinel where the master is:
+        an old master cut off from its replicas is exactly what this check exists to catch.
+        """
+        if self._cluster is not None:
+            self._refresh_slots = True  # the shard may have failed over: ask the cluster
+        else:
+            # A failing disconnect must not hide the real result.
+            with contextlib.suppress(Exception):
+                self._client.connection_pool.disconnect()  # type: ignore[union-attr]
+        connected = _int_or_none(reply[4]) if len(reply) > 4 else None
+        raise RedisTransientError(
+            f"the lease write was acknowledged by {acked} of the {need} replica(s) required "
+            f"within {self.replicas.timeout_ms} ms (min_replicas; the master reports "
+            f"{'?' if connected is None or connected < 0 else connected} connected): not "
+            f"confirmed; the master may have lost its replicas, be an old master after a "
+            f"fail-over, or its replicas lag",
+            kind="noreplicas",
         )
-        return self._parse(reply)
+
+    def _run_with_wait(
+        self, keys: list[str], args: list[str], wait_for: int
+    ) -> tuple[Any, Optional[int]]:
+        """EVALSHA the acquire script, then ``WAIT wait_for`` on the same connection.
+
+        One round trip (a pipeline); two if Redis forgot the script. Returns the script's
+        reply and the number of replicas that acknowledged it (None when not asked).
+        On a Redis Cluster the pipeline goes to the master of the keys' slot and follows
+        ``MOVED``/``ASK`` (at most `MAX_REDIRECTS` times).
+        """
+        if self._cluster is not None:
+            cluster = self._cluster
+            return self._run(lambda: self._cluster_call(cluster, keys, args, wait_for))
+        client = self._client
+        assert isinstance(client, redis.Redis)
+        return self._run(lambda: self._node_call(client, keys, args, wait_for, asking=False))
+
+    def _node_call(
+        self,
+        node: redis.Redis,
+        keys: list[str],
+        args: list[str],
+        wait_for: int,
+        *,
+        asking: bool,
+    ) -> tuple[Any, Optional[int]]:
+        script = self._acquire
+
+        def attempt() -> list[Any]:
+            pipe = node.pipeline(transaction=False)
+            if asking:
+                pipe.execute_command("ASKING")  # type: ignore[no-untyped-call]
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            if wait_for > 0:
+                pipe.execute_command(  # type: ignore[no-untyped-call]
+                    "WAIT", wait_for, self.replicas.timeout_ms
+                )
+            return list(pipe.execute(raise_on_error=False))[1 if asking else 0 :]
+
+        replies = attempt()
+        if isinstance(replies[0], rex.NoScriptError):
+            node.script_load(script.script)
+            replies = attempt()
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies[0], (int(replies[1]) if wait_for > 0 else None)
+
+    def _cluster_call(
+        self, cluster: RedisCluster, keys: list[str], args: list[str], wait_for: int
+    ) -> tuple[Any, Optional[int]]:
+        manager = cluster.nodes_manager
+        if self._refresh_slots:
+            # The last call could not reach the slot's master: it may have failed over.
+            self._refresh_slots = False
+            manager.initialize()
+        ask: Optional[tuple[str, int]] = None
+        for _ in range(MAX_REDIRECTS + 1):
+            if ask is not None:
+                target = cluster.get_node(  # type: ignore[no-untyped-call]
+                    host=ask[0], port=ask[1]
+                )
+                if target is None:
+                    raise RedisTransientError(
+                        f"cluster: ASK to unknown node {ask[0]}:{ask[1]}", kind="cluster"
+                    )
+            else:
+                target = cluster.get_node_from_key(keys[0])  # type: ignore[no-untyped-call]
+            node = cluster.get_redis_connection(target)
+            try:
+                return self._node_call(node, keys, args, wait_for, asking=ask is not None)
+            except rex.MovedError as moved:
+                manager.move_slot(moved)  # the slot lives elsewhere now: follow it
+                ask = None
+            except rex.AskError as redirect:
+                ask = (redirect.host, redirect.port)  # mid-migration: this call only
+            except (rex.ConnectionError, rex.TimeoutError):
+                self._refresh_slots = True
+                raise
+        raise RedisTransientError(
+            f"cluster: more than {MAX_REDIRECTS} redirects for slot of {keys[0]!r}",
+            kind="cluster",
+        )
 
     def _parse(self, reply: Any) -> LeaseResult:
         try:
@@ -488,13 +708,23 @@ class Lease:
             return Retaken(fence, lock_delay)
         raise RedisFatalError(f"unexpected reply from the lease script: {reply!r}", kind="data")
 
-    def _run(self, script: Any, *, keys: list[str], args: list[str]) -> Any:
+    def _run_script(self, script: Any, *, keys: list[str], args: list[str]) -> Any:
+        return self._run(lambda: script(keys=keys, args=args, client=self._client))
+
+    def _run(self, call: Callable[[], _T]) -> _T:
         if os.getpid() != self._pid:
             raise ForkedOwnerError(
                 f"lease {self.keys.name!r} was created in process {self._pid}; this forked "
                 f"child ({os.getpid()}) must not renew or release it"
             )
         try:
-            return script(keys=keys, args=args, client=self._client)
+            return call()
+        except rex.RedisClusterException as exc:
+            # Not a RedisError in redis-py: "cannot be connected", slot not covered. A cluster
+            # being failed over or resharded, so transient (classify_error would call it
+            # unexpected).
+            raise RedisTransientError(
+                f"cluster not ready: {exc or type(exc).__name__}", kind="cluster"
+            ) from exc
         except Exception as exc:  # classified once, here
             raise classify_error(exc) from exc

@@ -249,6 +249,8 @@ class MutexOwner:
         stuck_worker_policy: StuckPolicy = "exit",
         prefix: str = "mutexowner",
         rng: Optional[random.Random] = None,
+        min_replicas: Optional[int] = None,
+        min_replicas_timeout: Optional[float] = None,
     ) -> None:
         self.key = validate_name(name, "name")
         #: Prefix of the lease's Redis keys (``<prefix>:{<name>}:...``).
@@ -299,7 +301,16 @@ class MutexOwner:
         self._base_client = client_from(redis)
         self._redis_description = describe_client(self._base_client)
         self._client = derive_lease_client(self._base_client, timeout=self.call_timeout)
-        self._lease = Lease(self._client, self.key, ttl=self.ttl, identity=identity, prefix=prefix)
+        self._lease = Lease(
+            self._client,
+            self.key,
+            ttl=self.ttl,
+            identity=identity,
+            prefix=prefix,
+            min_replicas=min_replicas,
+            min_replicas_timeout=min_replicas_timeout,
+            call_timeout=self.call_timeout,
+        )
 
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)

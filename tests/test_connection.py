@@ -8,7 +8,6 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from mutexowner import MutexOwner
 from mutexowner.connection import (
     client_from,
     derive_lease_client,
@@ -61,13 +60,11 @@ def test_client_from_accepts_clients_and_urls_and_names_the_parameter() -> None:
         client_from(3.5)
 
 
-def test_a_cluster_client_is_refused_with_a_message_that_says_so() -> None:
+def test_a_cluster_client_is_accepted_as_it_is() -> None:
     # RedisCluster() connects on construction; an unconnected instance is enough here.
+    # The real-cluster tests are in tests/ha/test_cluster.py.
     cluster = RedisCluster.__new__(RedisCluster)
-    with pytest.raises(TypeError, match="redis: Redis Cluster clients are not supported"):
-        client_from(cluster)
-    with pytest.raises(TypeError, match="Redis Cluster"):
-        MutexOwner(cluster, "job")
+    assert client_from(cluster) is cluster
 
 
 def test_lease_client_keeps_address_and_credentials_but_bounds_time_and_drops_retries() -> None:
@@ -110,7 +107,7 @@ def test_lease_client_follows_a_sentinel_master() -> None:
     assert pool.service_name == "mymaster" and pool.is_master
     assert pool.connection_kwargs["password"] == "pw"
     assert pool.connection_kwargs["socket_timeout"] == 0.5
-    assert describe_client(master) == "sentinel://mymaster/1"
+    assert describe_client(master) == "redis+sentinel://:***@127.0.0.1:26379/mymaster/1"
 
 
 def test_lease_client_shares_the_fake_server() -> None:

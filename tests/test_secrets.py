@@ -133,7 +133,10 @@ def test_owner_behind_sentinel_with_passwords(
     owner, driver, events = drive_to_errors(sentinel_master, caplog)
     status = owner.status()
     assert status.consecutive_errors >= 1 and "mymaster" in (status.last_error or "")
-    assert status.redis == "sentinel://mymaster/0"
+    # The sentinels, the service and the db, with the master's password hidden.
+    assert status.redis.startswith("redis+sentinel://app:***@") and status.redis.endswith(
+        "/mymaster/0"
+    )
     assert_no_secret(repr(owner), repr(status), events, caplog.text)
     driver.stop()
 

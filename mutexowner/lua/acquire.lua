@@ -7,7 +7,9 @@
 -- ARGV[3] ttl in ms   ARGV[4] fencing token when renewing, '' when acquiring
 -- ARGV[5] a fresh random epoch id, used only if the epoch must be re-created
 --
--- Replies: {'acquired'|'renewed'|'retaken', fence, quiet_ms, ttl_ms}
+-- Replies: {'acquired'|'renewed'|'retaken', fence, quiet_ms, ttl_ms, replicas, replicated}
+--          replicas: the master's connected replicas now (-1: INFO refused in scripts);
+--          replicated: '1' once this dataset has been seen on a master with replicas
 --          {'taken', holder identity, pttl, holder fence}
 --          {'quiet', '', quiet_ms, ''}: free, but nobody new may take it for quiet_ms
 if redis.replicate_commands then pcall(redis.replicate_commands) end
@@ -30,7 +32,15 @@ local info = redis.pcall('INFO', 'server')
 if type(info) == 'string' then
   run_id = string.match(info, 'run_id:(%w+)') or ''
 end
-local epoch = redis.call('HMGET', KEYS[3], 'id', 'run_id', 'quiet_until')
+-- Replication (DESIGN invariant 10): the caller WAITs for replicas when this dataset lives,
+-- or has lived, on a master with replicas. The 'replicated' mark is sticky and replicated
+-- with the epoch, so an old master cut off from its replicas still says it had some.
+local replicas = -1
+local rinfo = redis.pcall('INFO', 'replication')
+if type(rinfo) == 'string' then
+  replicas = tonumber(string.match(rinfo, 'connected_slaves:(%d+)') or '0') or 0
+end
+local epoch = redis.call('HMGET', KEYS[3], 'id', 'run_id', 'quiet_until', 'replicated')
 local quiet_until = tonumber(epoch[3]) or 0
 local known_run = epoch[2] or ''
 if not epoch[1] or (run_id ~= '' and known_run ~= '' and known_run ~= run_id) then
@@ -41,12 +51,17 @@ elseif run_id ~= '' and known_run ~= run_id then
   redis.call('HSET', KEYS[3], 'run_id', run_id)
 end
 local quiet_ms = math.max(0, quiet_until - now_ms)
+local replicated = epoch[4] or ''
+if replicas > 0 and replicated ~= '1' then
+  redis.call('HSET', KEYS[3], 'replicated', '1')
+  replicated = '1'
+end
 
 local cur = redis.call('HMGET', KEYS[1], 'token', 'identity', 'fence')
 if cur[1] == token then
   -- Ours: renewal, or an acquire whose reply was lost (idempotent acquire).
   redis.call('PEXPIRE', KEYS[1], ttl_ms)
-  return {'renewed', cur[3] or '', quiet_ms, ttl_ms}
+  return {'renewed', cur[3] or '', quiet_ms, ttl_ms, replicas, replicated}
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {'taken', cur[2] or '', redis.call('PTTL', KEYS[1]), cur[3] or ''}
@@ -80,4 +95,4 @@ end
 redis.call('HSET', KEYS[1], 'token', token, 'identity', identity, 'fence', fence_s,
            'ttl_ms', ARGV[3], 'since_ms', string.format('%.0f', now_ms))
 redis.call('PEXPIRE', KEYS[1], ttl_ms)
-return {status, fence_s, quiet_ms, ttl_ms}
+return {status, fence_s, quiet_ms, ttl_ms, replicas, replicated}
