@@ -195,6 +195,33 @@ def _as_client(cluster: RedisCluster) -> redis.Redis:
     return cast(redis.Redis, cluster)
 
 
+#: The URL forms every entry point accepts, as error messages list them.
+URL_FORMS = (
+    "redis://, rediss:// or unix:// (redis+sentinel:// for Sentinel, redis+cluster:// for "
+    "Cluster; rediss+ for TLS)"
+)
+
+
+def validate_url(url: str, *, parameter: str = "redis") -> None:
+    """Check a Redis URL the way ``client_from`` reads it, without connecting (a Cluster
+    client connects when it is created; settings checks must never reach the network)."""
+    if not url.startswith(_URL_SCHEMES):
+        raise ValueError(
+            f"{parameter} must be a redis.Redis client or a URL starting with {URL_FORMS}, "
+            f"got {redact_url(url)!r}"
+        )
+    if not url.startswith((*_SENTINEL_SCHEMES, *_CLUSTER_SCHEMES)):
+        parse_url(url)  # type: ignore[no-untyped-call]  # redis-py's own message
+        return
+    try:
+        if url.startswith(_SENTINEL_SCHEMES):
+            parse_sentinel_url(url)
+        else:
+            parse_cluster_url(url)
+    except ValueError as exc:
+        raise ValueError(f"{parameter}: {redact_text(str(exc))}") from None
+
+
 def client_from(redis_or_url: object, *, parameter: str = "redis") -> redis.Redis:
     """Turn the user's ``redis`` argument into a client; a clear error when it is neither.
 
@@ -207,9 +234,8 @@ def client_from(redis_or_url: object, *, parameter: str = "redis") -> redis.Redi
     if isinstance(redis_or_url, str):
         if not redis_or_url.startswith(_URL_SCHEMES):
             raise ValueError(
-                f"{parameter} must be a redis.Redis client or a URL starting with "
-                f"redis://, rediss:// or unix:// (or redis+sentinel://, rediss+sentinel:// for "
-                f"Sentinel), got {redact_url(redis_or_url)!r}"
+                f"{parameter} must be a redis.Redis client or a URL starting with {URL_FORMS}, "
+                f"got {redact_url(redis_or_url)!r}"
             )
         if redis_or_url.startswith(_SENTINEL_SCHEMES):
             try:

@@ -17,7 +17,13 @@ from typing import Any, Callable, Optional, TypeVar, Union
 
 import redis
 
-from mutexowner.connection import client_from, describe_client, redact_text, redact_url
+from mutexowner.connection import (
+    URL_FORMS,
+    describe_client,
+    redact_text,
+    redact_url,
+    validate_url,
+)
 from mutexowner.errors import MutexOwnerError
 from mutexowner.lease import validate_name
 from mutexowner.owner import OUTAGE_MODES, STUCK_POLICIES, MutexOwner, OutageMode, StuckPolicy
@@ -244,7 +250,7 @@ class _Reader:
     def redis(self) -> Union[str, redis.Redis]:
         key = "REDIS_URL"
         value = self.values.get(key)
-        allowed = "a redis://, rediss:// or unix:// URL (or a redis.Redis client)"
+        allowed = f"a URL starting with {URL_FORMS}, or a redis.Redis client"
         if value is None or value == "":
             raise self.fail(f"{self.name(key)} is required: {allowed}", key=key)
         if isinstance(value, redis.Redis):
@@ -254,10 +260,15 @@ class _Reader:
                 f"{self.name(key)} must be {allowed}, got {type(value).__name__}", key=key
             )
         try:
-            client_from(value, parameter=self.name(key))
+            validate_url(value, parameter=self.name(key))  # never connects (checks run offline)
         except (TypeError, ValueError) as exc:
-            # Our own message repeats the URL; redis-py's parse errors explain the problem.
-            detail = "" if str(exc).startswith(self.name(key)) else f": {redact_text(str(exc))}"
+            # "NAME must be ..." repeats what we say; "NAME: why" (a Sentinel or Cluster URL)
+            # and redis-py's parse errors explain the problem.
+            text, named = redact_text(str(exc)), f"{self.name(key)}: "
+            if text.startswith(named):
+                detail = f": {text[len(named):]}"
+            else:
+                detail = "" if text.startswith(self.name(key)) else f": {text}"
             raise self.fail(
                 f"{self.name(key)} must be {allowed}, got {redact_url(value)!r}{detail}", key=key
             ) from None

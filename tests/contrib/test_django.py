@@ -56,8 +56,9 @@ def test_invalid_settings_are_reported_by_the_system_checks(tmp_path: Path) -> N
     assert code == 1, out + err
     assert "mutexowner.E003" in err
     assert (
-        'MUTEXOWNER["REDIS_URL"] must be a redis://, rediss:// or unix:// URL (or a '
-        "redis.Redis client), got 'http://admin:***@cache:6379/0'"
+        'MUTEXOWNER["REDIS_URL"] must be a URL starting with redis://, rediss:// or unix:// '
+        "(redis+sentinel:// for Sentinel, redis+cluster:// for Cluster; rediss+ for TLS), "
+        "or a redis.Redis client, got 'http://admin:***@cache:6379/0'"
     ) in err
     assert 'HINT: Use a URL such as "redis://localhost:6379/0"' in err
     assert "Traceback" not in err and SECRET not in out + err

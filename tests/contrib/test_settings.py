@@ -154,13 +154,17 @@ def test_setting_must_be_a_dict() -> None:
 @pytest.mark.parametrize(
     ("settings", "expected"),
     [
-        ({"KEY": "k"}, 'MUTEXOWNER["REDIS_URL"] is required: a redis://, rediss:// or unix:// URL'),
+        (
+            {"KEY": "k"},
+            'MUTEXOWNER["REDIS_URL"] is required: a URL starting with redis://, rediss:// or unix://',
+        ),
         (django(REDIS_URL=""), 'MUTEXOWNER["REDIS_URL"] is required'),
-        (django(REDIS_URL=6379), 'MUTEXOWNER["REDIS_URL"] must be a redis://'),
+        (django(REDIS_URL=6379), 'MUTEXOWNER["REDIS_URL"] must be a URL starting with redis://'),
         (
             django(REDIS_URL=f"http://app:{SECRET}@cache:6379"),
-            'MUTEXOWNER["REDIS_URL"] must be a redis://, rediss:// or unix:// URL (or a '
-            "redis.Redis client), got 'http://app:***@cache:6379'",
+            'MUTEXOWNER["REDIS_URL"] must be a URL starting with redis://, rediss:// or unix:// '
+            "(redis+sentinel:// for Sentinel, redis+cluster:// for Cluster; rediss+ for TLS), "
+            "or a redis.Redis client, got 'http://app:***@cache:6379'",
         ),
         (
             django(REDIS_URL=f"redis://app:{SECRET}@cache:port/0"),
@@ -307,8 +311,9 @@ def test_flask_config_keys() -> None:
         ({"MUTEXOWNER_KEY": "k"}, "MUTEXOWNER_REDIS_URL is required"),
         (
             {"MUTEXOWNER_REDIS_URL": f"https://u:{SECRET}@h", "MUTEXOWNER_KEY": "k"},
-            "MUTEXOWNER_REDIS_URL must be a redis://, rediss:// or unix:// URL (or a "
-            "redis.Redis client), got 'https://u:***@h'",
+            "MUTEXOWNER_REDIS_URL must be a URL starting with redis://, rediss:// or unix:// "
+            "(redis+sentinel:// for Sentinel, redis+cluster:// for Cluster; rediss+ for TLS), "
+            "or a redis.Redis client, got 'https://u:***@h'",
         ),
         (
             {"MUTEXOWNER_REDIS_URL": URL, "MUTEXOWNER_KEY": "k", "MUTEXOWNER_TTl": 3},
@@ -425,3 +430,23 @@ def test_valid_django_settings_pass_the_checks() -> None:
     from mutexowner.contrib.django.checks import setting_errors
 
     assert setting_errors(django(WORKERS=[f"{__name__}.sample_worker"])) == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+cluster://127.0.0.1:1,127.0.0.1:2",  # nothing listens: a client would fail
+        "redis+sentinel://:pw@127.0.0.1:1,127.0.0.1:2/mymaster/0",
+        "rediss+cluster://u:pw@127.0.0.1:1/?ssl_cert_reqs=none",
+    ],
+)
+def test_sentinel_and_cluster_urls_are_validated_without_connecting(url: str) -> None:
+    settings = read_settings(django(REDIS_URL=url))
+    assert settings.redis == url
+    assert "pw" not in settings.redis_description.replace("***", "")
+
+
+def test_a_malformed_sentinel_url_is_reported_with_the_setting_name() -> None:
+    message = django_error(django(REDIS_URL="redis+sentinel://127.0.0.1:26379"))  # no service
+    assert message.startswith('MUTEXOWNER["REDIS_URL"] must be a URL starting with')
+    assert "needs a service name" in message
