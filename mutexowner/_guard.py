@@ -259,15 +259,32 @@ def _stop_leftovers(grace: float) -> None:
         left = _leftovers() or []
 
 
+#: Signals whose default action ends or stops a process, which the command (or the runner's
+#: group kill) may send to the whole group, the guard included. The guard ignores every one
+#: of them: a guard killed by the command's ``kill -USR1 0`` would stop enforcing the lease.
+#: (SIGKILL and SIGSTOP cannot be ignored; fault signals such as SIGSEGV are the guard's own.)
+_GROUP_SIGNAL_NAMES = (
+    "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM",
+    "SIGPROF", "SIGIO", "SIGPOLL", "SIGPWR", "SIGXCPU", "SIGXFSZ", "SIGSTKFLT", "SIGTSTP",
+    "SIGTTIN", "SIGTTOU", "SIGPIPE", "SIGXFZ",
+)  # fmt: skip
+
+
+def group_signals() -> list[int]:
+    """The signals the guard ignores and gives back to the command at their defaults."""
+    found = {int(getattr(signal, n)) for n in _GROUP_SIGNAL_NAMES if hasattr(signal, n)}
+    if hasattr(signal, "SIGRTMIN") and hasattr(signal, "SIGRTMAX"):
+        found.update(range(int(signal.SIGRTMIN), int(signal.SIGRTMAX) + 1))
+    return sorted(found)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     fd, deadline, grace, margin, command = _parse_argv(sys.argv[1:] if argv is None else argv)
-    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    # Python ignores these at start-up; the command must get the default actions back.
-    restored = tuple(
-        getattr(signal, n) for n in ("SIGPIPE", "SIGXFZ", "SIGXFSZ") if hasattr(signal, n)
-    )
-    for s in forwarded:
-        signal.signal(s, signal.SIG_IGN)
+    ignored = []
+    for s in group_signals():
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(s, signal.SIG_IGN)
+            ignored.append(s)
     if os.getpgrp() != os.getpid():  # every group signal below must hit only our group
         os.setsid()
     _become_subreaper()
@@ -276,7 +293,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         code = 127
         try:
             os.close(fd)
-            for s in forwarded + restored:
+            for s in ignored:  # an ignored signal stays ignored across exec: give them back
                 signal.signal(s, signal.SIG_DFL)
             os.execvp(command[0], command)
         except OSError as exc:

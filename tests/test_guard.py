@@ -262,3 +262,35 @@ def test_the_guard_stops_what_the_command_left_in_its_group(tmp_path: Path) -> N
         _cleanup(guard, write_end)
         if pid_file.exists() and alive(int(pid_file.read_text())):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("name", ["USR1", "USR2", "QUIT", "ALRM", "TSTP", "TTOU"])
+def test_the_guard_survives_signals_the_command_sends_to_its_own_group(
+    tmp_path: Path, name: str
+) -> None:
+    """`kill -USR1 0` from the command (e.g. 'reopen your logs') reaches the guard too. It
+    used to kill it (or stop it, for TSTP/TTOU): nothing enforced the lease any more."""
+    out = tmp_path / "ticks"
+    read_end, write_end = os.pipe()
+    started = _guard.now()
+    argv = guard_command(read_end, started + 1.5, 0.5, 0.25)  # never renewed: runner frozen
+    script = f"trap '' {name}; kill -{name} 0; while true; do echo tick >> {out}; sleep 0.05; done"
+    guard = subprocess.Popen(
+        [*argv, "sh", "-c", script],
+        pass_fds=(read_end,),
+        start_new_session=True,
+        stderr=subprocess.PIPE,
+    )
+    os.close(read_end)
+    try:
+        assert wait_for(lambda: out.exists(), 10)  # the signal has been sent
+        status = guard.wait(15)
+        assert status in (-signal.SIGTERM, -signal.SIGKILL), status  # by the guard, at its time
+        assert _guard.now() - started >= 1.0 - 0.05  # not before deadline - grace
+        members = _guard.group_members(guard.pid)
+        assert members is None or all(state in ("Z", "X") for _, state, _ in members)
+        # The command also got the signal's default action back (then trapped it itself).
+        assert getattr(signal, f"SIG{name}") in _guard.group_signals()
+    finally:
+        _cleanup(guard, write_end)
