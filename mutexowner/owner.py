@@ -378,6 +378,8 @@ class MutexOwner:
         self._wake = False
         # Lifecycle.
         self._thread: Optional[threading.Thread] = None
+        #: Applies the "exit" stuck-worker policy on time whatever the owner thread is doing.
+        self._watchdog: Optional[threading.Thread] = None
         self._started = False
         self._finished = False
         self._finished_event = threading.Event()
@@ -438,6 +440,11 @@ class MutexOwner:
                 target=self._run, name=f"mutexowner-{self.key}", daemon=True
             )
             self._thread.start()
+            if self.stuck_worker_policy == "exit" and self.supervisor is not None:
+                self._watchdog = threading.Thread(
+                    target=self._watch_exit, name=f"mutexowner-{self.key}-watchdog", daemon=True
+                )
+                self._watchdog.start()
         self._log.flush()
 
     def stop(self, timeout: Optional[float] = None) -> bool:
@@ -486,7 +493,13 @@ class MutexOwner:
         listener = self._listener
         listener_done = listener is None or listener.stop(left())
         events_done = self._events.stop(left())
-        return sup_done and listener_done and events_done and not thread.is_alive()
+        watchdog = self._watchdog
+        if watchdog is not None:
+            watchdog.join(left())
+        watchdog_done = watchdog is None or not watchdog.is_alive()
+        return (
+            sup_done and listener_done and events_done and watchdog_done and not thread.is_alive()
+        )
 
     def request_stop(self) -> None:
         """Ask for ``stop()`` without waiting: safe in a signal handler (sets flags only).
@@ -787,7 +800,7 @@ class MutexOwner:
                 # A late or lost reply may have left one of our tokens in the key.
                 tokens = list(self._outstanding)
             releasing_from = self._fsm_state
-            call_due = tokens is None and (
+            call_due = tokens is None and self._policy_due is None and (
                 self._next_attempt is not None
                 and self._clock() >= self._next_attempt
                 and self._fsm_state != m.STOPPED
@@ -927,6 +940,48 @@ class MutexOwner:
         stuck = self.supervisor.alive_workers if self.supervisor is not None else ()
         self._policy_due = stuck
         self._emit("stuck_policy", detail=", ".join(stuck), reason="lease_lost")
+
+    def _exit_due_at(self) -> Optional[float]:
+        """When the "exit" policy is due for workers still running (lock held); None: not."""
+        if self._stuck_reported or not self._workers_alive():
+            return None
+        signalled = self._signalled_at()
+        return None if signalled is None else self._stuck_policy_at(signalled)
+
+    def _watch_exit(self) -> None:
+        """The "exit" policy's own thread. The owner thread applies the policy after its turn,
+        which may sit in a Redis call that outlives ``call_timeout`` (a reconnect can block in
+        DNS): the process must still be gone EXIT_MARGIN before the deadline (docs/safety.md,
+        point 11). This thread does no I/O and takes the owner's lock only to read."""
+        with self._cond:
+            while True:
+                if self._finished:
+                    return
+                due = self._exit_due_at()
+                now = self._clock()
+                if due is not None and now >= due:
+                    self._stuck_reported = True
+                    stuck = self.supervisor.alive_workers if self.supervisor is not None else ()
+                    break
+                guarding = due is not None or self._fsm_state in m.LEASE_STATES
+                # Workers may be told to stop by the monitor without a notify here: re-read
+                # the state at least every SAFETY_WAIT_CAP while a lease or a worker is live.
+                try:
+                    wait_on(
+                        self._clock,
+                        self._cond,
+                        None if due is None else due - now,
+                        cap=SAFETY_WAIT_CAP if guarding or self._workers_alive() else None,
+                    )
+                except BaseException:  # never die: a wait that fails is retried
+                    continue
+        _exit_process(
+            "key=%s identity=%s lost the lease while worker(s) %s still run: applying "
+            "stuck_worker_policy='exit'",
+            self.key,
+            self.identity,
+            ", ".join(stuck),
+        )
 
     def _apply_due_policy(self) -> None:
         """Apply stuck_worker_policy (lock not held: user code and exits never run under it)."""

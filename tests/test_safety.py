@@ -389,8 +389,7 @@ def test_the_exit_policy_fires_before_the_deadline_and_without_waiting_on_loggin
 
     def fake_exit(status: int) -> None:  # records instead of ending the test process
         exits.append((status, fake(), blocking_handler.gate.is_set()))
-        exited.set()
-        raise SystemExit(status)  # ends nothing: the owner thread survives any exception
+        exited.set()  # returns: the thread that called it then simply ends its work
 
     monkeypatch.setattr(owner, "_exit_process", exit_process)
     monkeypatch.setattr(owner.os, "_exit", fake_exit)
@@ -411,6 +410,42 @@ def test_the_exit_policy_fires_before_the_deadline_and_without_waiting_on_loggin
     assert deadline - 1.0 <= entered_at[0] <= deadline - owner.EXIT_MARGIN + 0.03
     blocking_handler.gate.set()
     worker.let_go.set()
+    assert mo.stop(REAL_TIMEOUT)
+
+
+def test_the_exit_policy_fires_on_time_while_the_owner_thread_is_stuck_in_a_redis_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Found by review: a lease call can outlive call_timeout (a reconnect blocks in DNS), and
+    # the owner thread applied "exit" only after its turn: 1.99 s of two workers (real Redis).
+    fake = FakeClock()
+    worker = Worker(stubborn=True)
+    mo, _ = supervised_owner(fake_redis("job"), fake, "A", worker, stuck_worker_policy="exit")
+    entered_at: list[float] = []
+    exited = threading.Event()
+
+    def exit_process(message: str, *args: object) -> None:
+        entered_at.append(fake())
+        exited.set()  # stands in for os._exit (returning ends the watchdog's work)
+
+    monkeypatch.setattr(owner, "_exit_process", exit_process)
+    mo.start()
+    assert wait_for(lambda: mo.holding) and worker.started.wait(REAL_TIMEOUT)
+    unblock = threading.Event()
+
+    def hang(*args: object, **kwargs: object) -> object:
+        unblock.wait(60)  # far longer than call_timeout
+        raise redis.exceptions.ConnectionError("Error -3 connecting: Temporary failure in DNS")
+
+    monkeypatch.setattr(mo._lease, "renew", hang)
+    deadline = 1000.0 + TTL - DRIFT
+    try:
+        walk(fake, deadline + 1.0, exited)
+        assert exited.is_set(), "the exit waited for the owner thread's Redis call"
+        assert deadline - 1.0 <= entered_at[0] <= deadline - owner.EXIT_MARGIN + 0.03
+    finally:
+        unblock.set()
+        worker.let_go.set()
     assert mo.stop(REAL_TIMEOUT)
 
 
