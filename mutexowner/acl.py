@@ -359,8 +359,13 @@ def _unsupported_optional(failure: str) -> bool:
     return command in _OPTIONAL and "unknown command" in error.lower()
 
 
+#: How servers word an ACL refusal inside a script: Redis 6.2/7.0 ("... can't run this
+#: command", "can't access", NOPERM) and Redis 7.2+/Valkey ("ACL failure in script: No
+#: permissions to access a channel / a key").
 _ACL_REFUSAL = re.compile(
     r"can't run this command|can't access|can't publish|NOPERM|no permissions"
+    r"|ACL failure in script",
+    re.IGNORECASE,
 )
 
 
@@ -376,9 +381,9 @@ def _probe_refusals(reply: Any) -> tuple[list[str], list[str], bool, bool]:
     for command, error in zip(texts[::2], texts[1::2]):
         if not _ACL_REFUSAL.search(error):
             failed.append(f"{command}: {error}")
-        elif "channel" in error:
+        elif "channel" in error.lower():
             channel_refused = True
-        elif "keys" in error:
+        elif re.search(r"\bkeys?\b", error, re.IGNORECASE):
             keys_refused = True
         else:
             refused.append(command)

@@ -100,6 +100,11 @@ class EventDispatcher:
         thread.join(timeout)
         return not thread.is_alive()
 
+    def on_its_thread(self) -> bool:
+        """True when called from this dispatcher's own thread (a listener, a callback)."""
+        thread = self._thread
+        return thread is not None and thread is threading.current_thread()
+
     def emit(self, event: Event) -> None:
         """Queue an event (delivered inline when no thread was started)."""
         if self._thread is None:

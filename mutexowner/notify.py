@@ -89,10 +89,10 @@ class ReleaseListener:
         with self._pubsub_lock:
             pubsub = self._pubsub
         connection = getattr(pubsub, "connection", None)
-        if connection is None:
-            return
+        # While (re)connecting, the pubsub has no connection yet: cut the pool's instead.
+        target = connection if connection is not None else self._client.connection_pool
         try:
-            connection.disconnect()
+            target.disconnect()
         except Exception:  # the read fails or times out on its own; we only hurry it
             log.debug("could not cut the release subscription; it stops at its next poll")
 

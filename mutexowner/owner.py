@@ -133,8 +133,8 @@ class _DeferredLog:
     A log handler may block (a full stderr pipe, a stuck network handler). The owner thread
     never calls one: a blocked handler must not delay a step-down, a renewal or a release,
     nor hold the lock that ``holding``, ``status()`` and ``stop()`` need (docs/safety.md,
-    point 8). The lines are written in order with the events; without an events thread (test
-    drivers) they are written by the caller of ``flush``.
+    point 8). A turn's lines are written on the events thread after that turn's events;
+    without an events thread (test drivers) they are written by the caller of ``flush``.
     """
 
     def __init__(self, logger: logging.Logger, submit: Callable[[Callable[[], object]], None]):
@@ -475,7 +475,7 @@ class MutexOwner:
         supervised = self.supervisor is not None and current.name.startswith("mutexowner-")
         if current is thread or (supervised and current in self._supervisor_threads()):
             return False
-        if current.name == f"mutexowner-events-{self.key}":
+        if self._events.on_its_thread():
             return False
         end = None if timeout is None else default_clock() + timeout
 
@@ -487,7 +487,9 @@ class MutexOwner:
         thread.join(left())
         sup = self.supervisor
         sup_done = True
-        if sup is not None and not sup.stuck_workers:
+        if sup is not None and sup.stuck_workers:
+            sup_done = False  # a stuck worker (policy "abandon" or a callable) still runs
+        elif sup is not None:
             # Joins the monitor thread, which joined every worker thread.
             sup_done = sup.stop(left())
         listener = self._listener
@@ -625,7 +627,8 @@ class MutexOwner:
                     break
                 if not self._wake:
                     # Under a lease, re-read the clock often: see SAFETY_WAIT_CAP.
-                    cap = SAFETY_WAIT_CAP if self._fsm_state in m.LEASE_STATES else None
+                    guarding = self._fsm_state in m.LEASE_STATES or self._workers_alive()
+                    cap = SAFETY_WAIT_CAP if guarding else None
                     try:
                         wait_on(self._clock, self._cond, wait, cap=cap)
                     except BaseException:  # never die, never spin
@@ -675,15 +678,15 @@ class MutexOwner:
             self._cond.notify_all()
 
     def _supervisor_hook(self, what: str, detail: str) -> None:
-        with self._cond:
+        with self._cond:  # emitted under the lock: none can follow "stopped"
             if what == "failed":
                 self._workers_failed = True
             self._wake = True
             self._cond.notify_all()
-        if what == "restarted":
-            self._emit("workers_restarted", detail=detail)
-        elif what == "stuck":
-            self._emit("workers_stuck", detail=detail)
+            if what == "restarted":
+                self._emit("workers_restarted", detail=detail)
+            elif what == "stuck":
+                self._emit("workers_stuck", detail=detail)
 
     # -- the machine ----------------------------------------------------------------------
 
@@ -800,11 +803,15 @@ class MutexOwner:
                 # A late or lost reply may have left one of our tokens in the key.
                 tokens = list(self._outstanding)
             releasing_from = self._fsm_state
-            call_due = tokens is None and self._policy_due is None and (
-                self._next_attempt is not None
-                and self._clock() >= self._next_attempt
-                and self._fsm_state != m.STOPPED
-                and not (self._fsm_state == m.ACQUIRING and self._workers_alive())
+            call_due = (
+                tokens is None
+                and self._policy_due is None
+                and (
+                    self._next_attempt is not None
+                    and self._clock() >= self._next_attempt
+                    and self._fsm_state != m.STOPPED
+                    and not (self._fsm_state == m.ACQUIRING and self._workers_alive())
+                )
             )
         # Redis round trips happen without the lock: status() and stop() never wait on Redis.
         if tokens is not None:
@@ -998,11 +1005,25 @@ class MutexOwner:
         if policy == "exit":
             _exit_process(message, self.key, self.identity, ", ".join(stuck), name)
         self._log.add(logging.CRITICAL, message, self.key, self.identity, ", ".join(stuck), name)
-        if callable(policy):
-            try:
-                policy(stuck)
-            except BaseException as exc:  # even SystemExit: the owner thread must live on
-                self._log.add(logging.ERROR, "stuck_worker_policy callable failed", exc=exc)
+        if callable(policy) and self._thread is None:
+            self._run_policy(policy, stuck)  # a test driver: inline, as events are
+        elif callable(policy):
+            # On a thread of its own: a callable that blocks must not stop the owner.
+            threading.Thread(
+                target=self._run_policy,
+                args=(policy, stuck),
+                name=f"mutexowner-{self.key}-policy",
+                daemon=True,
+            ).start()
+
+    def _run_policy(
+        self, policy: Callable[[tuple[str, ...]], object], stuck: tuple[str, ...]
+    ) -> None:
+        try:
+            policy(stuck)
+        except BaseException as exc:  # even SystemExit: nothing of the owner may end with it
+            self._log.add(logging.ERROR, "stuck_worker_policy callable failed", exc=exc)
+            self._log.flush()
 
     def _release_all(self, tokens: list[str]) -> bool:
         """Release every token (newest first); True if one of them held the key. Stops at the

@@ -562,29 +562,34 @@ class Supervisor:
 
     def _worker_main(self, run: _Run) -> None:
         error: Optional[BaseException] = None
-        name = run.spec.name
         try:
             run.spec.target(run.ctx, *run.spec.args, **run.spec.kwargs)
-        except LeaseLost as exc:
-            error = exc
-            if run.ctx.stopping.is_set():
-                log.debug("worker %s: %s", name, exc)
-            else:
-                log.warning(
-                    "worker %s raised LeaseLost without being asked to stop", name, exc_info=exc
-                )
         except BaseException as exc:  # never lose a worker's exception to threading.excepthook
             error = exc
-            log.error("worker %s crashed", name, exc_info=exc)
-        else:
-            if not run.ctx.stopping.is_set():
-                log.warning("worker %s returned without being asked to stop", name)
         finally:
+            # Done first, words after: with a blocked log handler a worker that ended must
+            # not look stuck (the "exit" policy would end the process for it).
             with self._cond:
                 run.done = True
                 run.error = error
-                self._exits.append(_Exit(run, expected=run.ctx.stopping.is_set()))
+                stopping = run.ctx.stopping.is_set()
+                self._exits.append(_Exit(run, expected=stopping))
                 self._cond.notify_all()
+        self._report_end(run.spec.name, error, stopping)
+
+    @staticmethod
+    def _report_end(name: str, error: Optional[BaseException], stopping: bool) -> None:
+        if isinstance(error, LeaseLost):
+            if stopping:
+                log.debug("worker %s: %s", name, error)
+            else:
+                log.warning(
+                    "worker %s raised LeaseLost without being asked to stop", name, exc_info=error
+                )
+        elif error is not None:
+            log.error("worker %s crashed", name, exc_info=error)
+        elif not stopping:
+            log.warning("worker %s returned without being asked to stop", name)
 
     def _wait(self, timeout: Optional[float]) -> None:
         busy, self._busy = self._busy, False

@@ -180,3 +180,39 @@ def test_an_acl_refusal_names_the_command_to_grant() -> None:
         assert str(error).endswith(f"(line {line} of the lease script runs TIME: grant +time)")
     assert _acl_hint("no script named here") == ""
     assert _acl_hint(f"script: {'0' * 40}, on @user_script:3.") == ""
+
+
+@pytest.mark.parametrize(
+    ("reply", "refused", "failed", "keys", "channel"),
+    [
+        # Redis 6.2 / 7.0 wording.
+        (
+            [b"time", b"NOPERM this user has no permissions to run the 'time' command"],
+            ["time"], [], False, False,
+        ),
+        (
+            [b"publish", b"NOPERM this user has no permissions to access one of the channels"],
+            [], [], False, True,
+        ),
+        # Redis 7.2+ / Valkey: "ACL failure in script: ..." (found by review).
+        (
+            [b"publish", b"ERR ACL failure in script: No permissions to access a channel"],
+            [], [], False, True,
+        ),
+        (
+            [b"hset", b"ERR ACL failure in script: No permissions to access a key"],
+            [], [], True, False,
+        ),
+        (
+            [b"time", b"ERR ACL failure in script: this user has no permissions to run the "
+             b"'time' command"],
+            ["time"], [], False, False,
+        ),
+        ([b"hset", b"OOM command not allowed"], [], ["hset: OOM command not allowed"],
+         False, False),
+    ],
+)  # fmt: skip
+def test_probe_refusals_are_read_in_every_servers_wording(
+    reply: list[bytes], refused: list[str], failed: list[str], keys: bool, channel: bool
+) -> None:
+    assert acl._probe_refusals(reply) == (refused, failed, keys, channel)

@@ -28,7 +28,7 @@ import redis
 from mutexowner import BackoffPolicy, MutexOwner, Supervisor, WorkerContext, clock, owner
 from mutexowner.lease import LeaseKeys
 from mutexowner.testing import FakeClock, OwnerDriver, expire_lease, fake_redis
-from tests.helpers import REAL_TIMEOUT, Recorder, wait_for
+from tests.helpers import REAL_TIMEOUT, Recorder, errors_of, wait_for
 
 TTL = 10.0
 DRIFT = TTL * 0.01 + 0.002
@@ -292,6 +292,77 @@ def test_callbacks_and_listeners_that_raise_base_exceptions_do_not_end_any_threa
     assert wait_for(lambda: len(seen) >= 2)
     assert mo.stop(REAL_TIMEOUT)
     assert "stopped" in seen  # on_lost was still called, after on_acquired raised
+
+
+def test_a_stuck_policy_callable_that_blocks_does_not_stop_the_owner(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Found by review: the callable ran on the owner thread; one that blocks stopped it.
+    fake = FakeClock()
+    worker = Worker(stubborn=True)
+    called = threading.Event()
+    release = threading.Event()
+
+    def blocking_policy(names: tuple[str, ...]) -> None:
+        called.set()
+        release.wait(60)
+
+    mo, _ = supervised_owner(
+        fake_redis("job"), fake, "A", worker, stuck_worker_policy=blocking_policy
+    )
+    mo.start()
+    assert wait_for(lambda: mo.holding) and worker.started.wait(REAL_TIMEOUT)
+    redis_down(mo, monkeypatch)
+    walk(fake, 1000.0 + TTL + 2.0, called)
+    assert called.is_set()
+    try:
+        errors = errors_of(mo)
+        worker.let_go.set()  # the stuck worker ends: a live owner turns and contends again
+        seen = len(errors)
+        retried = threading.Event()
+        mo.add_listener(lambda e: retried.set() if len(errors) > seen else None)
+        walk(fake, fake() + 60.0, retried, step=0.1)  # through its backoff
+        assert retried.is_set(), mo.status()
+    finally:
+        release.set()
+    assert mo.stop(REAL_TIMEOUT)
+
+
+def test_stop_says_false_while_a_stuck_worker_still_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeClock()
+    worker = Worker(stubborn=True)
+    mo, _ = supervised_owner(fake_redis("job"), fake, "A", worker, stuck_worker_policy="abandon")
+    mo.start()
+    assert wait_for(lambda: mo.holding) and worker.started.wait(REAL_TIMEOUT)
+    mo.request_stop()
+    walk(fake, 1000.0 + TTL + 2.0, threading.Event(), step=0.05)  # past the lease
+    assert mo.stop(timeout=0.5) is False  # its thread is alive: stop() must not say done
+    worker.let_go.set()
+    assert mo.stop(REAL_TIMEOUT) is True
+
+
+def test_a_crashed_worker_is_seen_as_ended_even_when_its_log_line_blocks(
+    blocking_handler: BlockingHandler,
+) -> None:
+    # Found by review: "worker crashed" was logged before run.done; with a blocked handler
+    # the worker looked stuck (and the "exit" policy would have ended the process).
+    sup = Supervisor(shutdown_timeout=1.0, max_restarts=0)
+    go = threading.Event()
+
+    def crasher(ctx: WorkerContext) -> None:
+        go.wait(REAL_TIMEOUT)
+        raise RuntimeError("boom")
+
+    sup.add(crasher, name="crasher")
+    sup.start()
+    blocking_handler.except_threads = {threading.get_ident()}
+    go.set()
+    try:
+        assert wait_for(lambda: sup.alive_workers == ()), sup.alive_workers
+        assert sup.stuck_workers == ()
+    finally:
+        blocking_handler.gate.set()
+    assert sup.stop(REAL_TIMEOUT)
 
 
 # -- 4. a late or lost reply during stop() leaves no key and no event after "stopped" -----------
