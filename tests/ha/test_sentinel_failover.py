@@ -97,6 +97,14 @@ def test_sentinel_failover_command(ha_rig: RigFactory, record_figures: Callable[
         failover_end=ended - promoted_at,
         old_master_demoted=demoted,
     )
+    # `mutexowner run` through the Sentinel URL after the promotion: it finds the new master.
+    done = subprocess.run(
+        [sys.executable, "-m", "mutexowner.cli", "run", "--redis", topology.url, "--key",
+         "cli-once", "--ttl", "2", "--once", "--", sys.executable, "-c", "print('ran')"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "ran" in done.stdout
 
 
 def test_master_kill_9(ha_rig: RigFactory, record_figures: Callable[..., None]) -> None:
