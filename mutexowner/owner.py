@@ -486,12 +486,9 @@ class MutexOwner:
             return False
         thread.join(left())
         sup = self.supervisor
-        sup_done = True
-        if sup is not None and sup.stuck_workers:
-            sup_done = False  # a stuck worker (policy "abandon" or a callable) still runs
-        elif sup is not None:
-            # Joins the monitor thread, which joined every worker thread.
-            sup_done = sup.stop(left())
+        # Joins the monitor thread, which joined every worker thread; a stuck worker (policy
+        # "abandon" or a callable) is waited for within the time left, and reported False.
+        sup_done = sup is None or sup.stop(left())
         listener = self._listener
         listener_done = listener is None or listener.stop(left())
         events_done = self._events.stop(left())
