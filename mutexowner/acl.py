@@ -277,7 +277,9 @@ def _whoami(client: redis.Redis) -> str:
     try:
         name = client.execute_command("ACL", "WHOAMI")  # type: ignore[no-untyped-call]
     except Exception:  # ACL WHOAMI is not granted: name the user from the client's settings
-        name = client.connection_pool.connection_kwargs.get("username") or "default"
+        pool = getattr(client, "connection_pool", None)  # a cluster client has none
+        kwargs = pool.connection_kwargs if pool is not None else {}
+        name = kwargs.get("username") or "default"
     return name.decode() if isinstance(name, bytes) else str(name)
 
 

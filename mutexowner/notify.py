@@ -89,10 +89,12 @@ class ReleaseListener:
         with self._pubsub_lock:
             pubsub = self._pubsub
         connection = getattr(pubsub, "connection", None)
-        # While (re)connecting, the pubsub has no connection yet: cut the pool's instead.
-        target = connection if connection is not None else self._client.connection_pool
+        # While (re)connecting, the pubsub has no connection yet: cut the pool's instead (a
+        # cluster client has none: its subscription then stops at its next poll).
+        target = connection or getattr(self._client, "connection_pool", None)
         try:
-            target.disconnect()
+            if target is not None:
+                target.disconnect()
         except Exception:  # the read fails or times out on its own; we only hurry it
             log.debug("could not cut the release subscription; it stops at its next poll")
 
