@@ -105,13 +105,34 @@ class EventDispatcher:
         else:
             self._queue.put(event)
 
+    def submit(self, task: Callable[[], object]) -> None:
+        """Run ``task`` on the dispatcher thread, in order with the events (inline when no
+        thread was started). The owner hands its log lines over this way: a log handler
+        that blocks then stalls only event delivery, never the owner thread."""
+        if self._thread is None:
+            self._run_task(task)
+        else:
+            self._queue.put(task)
+
     def _run(self) -> None:
         while True:
             item = self._queue.get()
             if item is _STOP:
                 return
-            if isinstance(item, Event):
-                self._deliver(item)
+            try:
+                if isinstance(item, Event):
+                    self._deliver(item)
+                elif callable(item):
+                    self._run_task(item)
+            except BaseException:  # the dispatcher thread must outlive anything it runs
+                log.debug("event delivery failed for key=%s", self._name, exc_info=True)
+
+    @staticmethod
+    def _run_task(task: Callable[[], object]) -> None:
+        try:
+            task()
+        except BaseException:
+            log.debug("deferred task failed", exc_info=True)
 
     def _deliver(self, event: Event) -> None:
         with self._lock:

@@ -4,15 +4,18 @@ The release script publishes on the lease's channel; each owner keeps one subscr
 small thread and wakes its machine when a notice arrives, or when the subscription comes
 back after an outage (a release may have been missed meanwhile). The owner's own timed
 retries remain the fallback, so a lost notice only costs latency, never correctness.
+
+``stop()`` never talks to Redis: it shuts the subscription's socket down, which wakes the
+blocked read at once, so stopping is bounded by the caller's timeout even while Redis is
+paused or unreachable.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import secrets
 import threading
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import redis
 
@@ -23,7 +26,7 @@ __all__ = ["ReleaseListener"]
 log = logging.getLogger("mutexowner.notify")
 
 #: How often the subscription thread looks at its stop flag while no message arrives; stop()
-#: wakes it sooner with a message on a private channel whenever Redis is reachable.
+#: wakes it sooner by shutting the subscription's socket down.
 POLL_SECONDS = 1.0
 
 
@@ -52,8 +55,10 @@ class ReleaseListener:
         #: Notices published by this releaser (our own owner) wake nobody.
         self._ignore_from = ignore_from
         self._rng = random.Random()
-        self._wake_channel = f"{channel}:wake:{secrets.token_hex(8)}"
         self._subscribed = False
+        #: The live subscription (set by the listener thread), so stop() can cut it.
+        self._pubsub: Optional[Any] = None
+        self._pubsub_lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: Optional[threading.Thread] = None
         #: Subscription failures so far (for status and tests).
@@ -73,13 +78,22 @@ class ReleaseListener:
         thread = self._thread
         if thread is None or thread is threading.current_thread():
             return thread is None
-        if self._subscribed:
-            try:  # wake the subscription now rather than at its next poll
-                self._client.publish(self._wake_channel, "stop")
-            except Exception:
-                log.debug("could not wake the release listener; it stops at its next poll")
+        self._cut_subscription()
         thread.join(timeout)
         return not thread.is_alive()
+
+    def _cut_subscription(self) -> None:
+        """Wake a blocked read by shutting its socket down: no Redis round trip, no new
+        connection, so a paused or unreachable Redis cannot make ``stop()`` wait."""
+        with self._pubsub_lock:
+            pubsub = self._pubsub
+        connection = getattr(pubsub, "connection", None)
+        if connection is None:
+            return
+        try:
+            connection.disconnect()
+        except Exception:  # the read fails or times out on its own; we only hurry it
+            log.debug("could not cut the release subscription; it stops at its next poll")
 
     def _run(self) -> None:
         failures = 0
@@ -89,7 +103,11 @@ class ReleaseListener:
                 pubsub = self._client.pubsub(  # type: ignore[no-untyped-call]
                     ignore_subscribe_messages=True
                 )
-                pubsub.subscribe(self._channel, self._wake_channel)
+                with self._pubsub_lock:
+                    self._pubsub = pubsub
+                if self._stopping.is_set():
+                    break
+                pubsub.subscribe(self._channel)
                 confirmed = False
                 while not self._stopping.is_set():
                     message = pubsub.get_message(timeout=POLL_SECONDS)
@@ -102,18 +120,24 @@ class ReleaseListener:
                         # A release may have happened before we were subscribed, or while cut off.
                         self._notice()
                         failures = 0
-                    if message is not None and message.get("type") == "message":
-                        channel, data = _text(message.get("channel")), _text(message.get("data"))
-                        if channel == self._channel and data != self._ignore_from:
-                            self._notice()
-            except Exception as exc:  # Redis down or restarting: resubscribe after a pause
+                    if (
+                        message is not None
+                        and message.get("type") == "message"
+                        and _text(message.get("data")) != self._ignore_from
+                    ):
+                        self._notice()
+            except BaseException as exc:  # Redis down, or cut by stop(): resubscribe or end
                 self._subscribed = False
+                if self._stopping.is_set():
+                    break
                 failures += 1
                 self.failures_seen += 1
                 if failures == 1:
                     log.debug("release notices interrupted on %s: %s", self._channel, exc)
                 self._stopping.wait(self._backoff.delay(failures, self._rng))
             finally:
+                with self._pubsub_lock:
+                    self._pubsub = None
                 if pubsub is not None:
                     try:
                         pubsub.close()
@@ -123,5 +147,5 @@ class ReleaseListener:
     def _notice(self) -> None:
         try:
             self._on_notice()
-        except Exception:
+        except BaseException:  # the listener thread must outlive any handler
             log.exception("release notice handler failed")

@@ -24,7 +24,7 @@ import socket
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NoReturn, Optional, Union
 
 from transitions import EventData
 from transitions.extensions import LockedMachine
@@ -32,7 +32,7 @@ from transitions.extensions import LockedMachine
 from mutexowner import machine as m
 from mutexowner._validate import finite_number
 from mutexowner.backoff import BackoffPolicy
-from mutexowner.clock import Clock, default_clock, wait_on
+from mutexowner.clock import SAFETY_WAIT_CAP, Clock, default_clock, wait_on
 from mutexowner.connection import (
     client_from,
     derive_lease_client,
@@ -66,6 +66,16 @@ STUCK_POLICIES = ("exit", "abandon")
 STUCK_EXIT_STATUS = 70
 #: A repeated Redis error is logged again at most this often (seconds).
 ERROR_LOG_INTERVAL = 30.0
+#: The "exit" stuck-worker policy fires this long before the lease deadline, so that the
+#: process is gone before Redis can expire the key (it spends at most EXIT_LOG_BUDGET of it
+#: trying to log why).
+EXIT_MARGIN = 0.1
+EXIT_LOG_BUDGET = 0.05
+#: How many tokens that may still be in Redis (sent, outcome unknown) an owner remembers, to
+#: release them all when it stops.
+OUTSTANDING_TOKENS = 8
+#: Prefix of our state machines' names: ``transitions`` puts it before every log line.
+MACHINE_NAME_PREFIX = "mutexowner["
 
 StuckPolicy = Union[str, Callable[[tuple[str, ...]], object]]
 
@@ -98,19 +108,80 @@ class OwnerStatus:
     redis: str = ""
 
 
-def _flush_logs(timeout: float) -> None:
-    """Flush log handlers before os._exit, without risking a hang on a blocked handler."""
+def _exit_process(message: str, *args: object) -> NoReturn:
+    """End the process now (``os._exit``), after at most EXIT_LOG_BUDGET seconds of trying
+    to log why: a log handler that blocks cannot delay the exit (safety invariant 11)."""
 
-    def flush() -> None:
+    def say() -> None:
+        with contextlib.suppress(BaseException):
+            log.critical(message, *args)
         loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
         for logger in loggers:
             for handler in getattr(logger, "handlers", ()):
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(BaseException):
                     handler.flush()
 
-    thread = threading.Thread(target=flush, name="mutexowner-flush", daemon=True)
-    thread.start()
-    thread.join(timeout)
+    with contextlib.suppress(BaseException):
+        thread = threading.Thread(target=say, name="mutexowner-exit", daemon=True)
+        thread.start()
+        thread.join(EXIT_LOG_BUDGET)
+    os._exit(STUCK_EXIT_STATUS)
+
+
+class _DeferredLog:
+    """The owner's log lines, collected as it works and written by the events thread.
+
+    A log handler may block (a full stderr pipe, a stuck network handler). The owner thread
+    never calls one: a blocked handler must not delay a step-down, a renewal or a release,
+    nor hold the lock that ``holding``, ``status()`` and ``stop()`` need (safety invariant
+    11). The lines are written in order with the events; without an events thread (test
+    drivers) they are written by the caller of ``flush``.
+    """
+
+    def __init__(self, logger: logging.Logger, submit: Callable[[Callable[[], object]], None]):
+        self._logger = logger
+        self._submit = submit
+        self._lock = threading.Lock()
+        self._pending: list[tuple[int, str, tuple[object, ...], Optional[BaseException]]] = []
+
+    def add(
+        self, level: int, message: str, *args: object, exc: Optional[BaseException] = None
+    ) -> None:
+        if self._logger.isEnabledFor(level):
+            with self._lock:
+                self._pending.append((level, message, args, exc))
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if pending:
+            self._submit(lambda: self._write(pending))
+
+    def _write(
+        self, pending: list[tuple[int, str, tuple[object, ...], Optional[BaseException]]]
+    ) -> None:
+        for level, message, args, exc in pending:
+            self._logger.log(level, message, *args, exc_info=exc)
+
+
+class _QuietMachines(logging.Filter):
+    """Drops ``transitions``' own lines about our machines (three INFO lines per state
+    change); other users of ``transitions`` in the process keep theirs. Our own
+    ``mutexowner.owner`` logger reports each state change once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        first = args[0] if isinstance(args, tuple) and args else None
+        return not (isinstance(first, str) and first.startswith(MACHINE_NAME_PREFIX))
+
+
+def _install_transitions_filter() -> None:
+    logger = logging.getLogger("transitions.core")
+    if not any(isinstance(f, _QuietMachines) for f in logger.filters):
+        logger.addFilter(_QuietMachines())
+
+
+_install_transitions_filter()
 
 
 def _default_identity() -> str:
@@ -254,6 +325,7 @@ class MutexOwner:
         # The machine's lock is the owner's lock: a trigger and the fields it reads change together.
         self._model = _Model()
         self._machine = LockedMachine(
+            name=f"{MACHINE_NAME_PREFIX}{self.key}]",
             model=self._model,
             states=list(m.STATES),
             transitions=m.TRANSITIONS,
@@ -273,6 +345,7 @@ class MutexOwner:
         if on_lost is not None:
             self._events.add(_CallbackListener("lost", on_lost))
         self._guard = _Guard()
+        self._log = _DeferredLog(log, self._events.submit)
         if supervisor is not None:
             supervisor._bind(
                 clock=self._clock, guard=self._guard, key=self.key, hook=self._supervisor_hook
@@ -281,9 +354,15 @@ class MutexOwner:
 
         # Machine variables; written by the thread that runs _tick (lock held).
         self._token: Optional[str] = None
-        #: Token of a key an acquisition reply gave us after stop() was requested: never
-        #: held (no workers start), only released when the stop completes.
-        self._unclaimed: Optional[str] = None
+        #: Tokens sent to Redis whose key may still hold them (an acquire or renew executed
+        #: or of unknown outcome), oldest first: a stop releases them all, so that no late
+        #: reply or lost reply leaves the key held after stop() (insertion-ordered set).
+        self._outstanding: dict[str, None] = {}
+        #: Workers found stuck past the lease: the policy runs outside the lock.
+        self._policy_due: Optional[tuple[str, ...]] = None
+        #: What a standby last reported about the holder (logged once per change).
+        self._seen_holder: Optional[str] = None
+        self._quiet_logged = False
         self._fence: Optional[int] = None
         self._deadline = -math.inf
         self._settle_until: Optional[float] = None
@@ -293,7 +372,6 @@ class MutexOwner:
         self._fatal = False
         self._last_error: Optional[str] = None
         self._last_error_logged = -math.inf
-        self._lost_reason: Optional[str] = None
         # True from entering "holding" until the workers' states are left: a holding period.
         self._holding_period = False
         self._give_up_reason: Optional[str] = None
@@ -367,6 +445,7 @@ class MutexOwner:
                 target=self._run, name=f"mutexowner-{self.key}", daemon=True
             )
             self._thread.start()
+        self._log.flush()
 
     def stop(self, timeout: Optional[float] = None) -> bool:
         """Stop workers, release the lease, notify standbys; then end every owner thread.
@@ -407,13 +486,14 @@ class MutexOwner:
             return False
         thread.join(left())
         sup = self.supervisor
+        sup_done = True
         if sup is not None and not sup.stuck_workers:
-            sup.stop(left())  # joins the monitor thread, which joined every worker thread
+            # Joins the monitor thread, which joined every worker thread.
+            sup_done = sup.stop(left())
         listener = self._listener
-        if listener is not None:
-            listener.stop(left())
+        listener_done = listener is None or listener.stop(left())
         events_done = self._events.stop(left())
-        return events_done and not thread.is_alive()
+        return sup_done and listener_done and events_done and not thread.is_alive()
 
     def request_stop(self) -> None:
         """Ask for ``stop()`` without waiting: safe in a signal handler (sets flags only).
@@ -512,20 +592,31 @@ class MutexOwner:
     def _run(self) -> None:
         """The owner thread: turn the machine until it reaches stopped for good."""
         while True:
+            error: Optional[BaseException] = None
             try:
                 wait = self._tick()
-            except Exception:  # never die: log, pause, carry on
-                log.critical("owner machine error for key=%s; continuing", self.key, exc_info=True)
+            except BaseException as exc:  # never die (not even on SystemExit): log, carry on
+                error = exc
                 wait = min(self.renew_interval, 1.0)
+            if error is not None:
+                with contextlib.suppress(BaseException):
+                    self._log.add(
+                        logging.CRITICAL,
+                        "owner machine error for key=%s; continuing",
+                        self.key,
+                        exc=error,
+                    )
+                    self._log.flush()
             with self._cond:
                 if self._final:
                     break
                 if not self._wake:
+                    # Under a lease, re-read the clock often: see SAFETY_WAIT_CAP.
+                    cap = SAFETY_WAIT_CAP if self._fsm_state in m.LEASE_STATES else None
                     try:
-                        wait_on(self._clock, self._cond, wait)
-                    except Exception:  # never die, never spin
-                        log.critical("owner wait failed for key=%s", self.key, exc_info=True)
-                        self._cond.wait(1.0)
+                        wait_on(self._clock, self._cond, wait, cap=cap)
+                    except BaseException:  # never die, never spin
+                        self._cond.wait(min(1.0, SAFETY_WAIT_CAP))
                 self._wake = False
         # Final. The stop may have been requested by a worker or a listener, which do not
         # wait for it: end the helper threads here as well (stop() joins them when it waits).
@@ -598,7 +689,8 @@ class MutexOwner:
         source = event.transition.source if event.transition is not None else None
         dest = self._fsm_state
         reason = event.kwargs.get("reason")
-        log.info(
+        self._log.add(
+            logging.INFO,
             "key=%s identity=%s state %s -> %s fencing_token=%s%s",
             self.key,
             self.identity,
@@ -617,6 +709,8 @@ class MutexOwner:
         self._cond.notify_all()
 
     def _emit(self, kind: str, **fields: Any) -> None:
+        if self._final:
+            return  # nothing happens to an owner after "stopped"
         self._events.emit(
             Event(
                 kind=kind,
@@ -644,7 +738,18 @@ class MutexOwner:
         return self.outage == "keep_running" or now < self._deadline
 
     def _tick(self) -> Optional[float]:
-        """Do what is due now; return seconds until something is due again (None: only events)."""
+        """Do what is due now; return seconds until something is due again (None: only events).
+
+        Safety actions happen inside the turn; a stuck-worker policy and the turn's log
+        lines come after it, outside the lock (safety invariant 11).
+        """
+        try:
+            return self._turn()
+        finally:
+            self._apply_due_policy()
+            self._log.flush()
+
+    def _turn(self) -> Optional[float]:
         with self._lock:
             if self._final:
                 return None
@@ -657,10 +762,11 @@ class MutexOwner:
             self._handle_outside_events(now)
             self._check_deadline(now)
             self._check_stuck_workers(now)
-            state = self._fsm_state
-            if state == m.STOPPED:
-                return None
-            if state == m.SETTLING and self._settle_until is not None and now >= self._settle_until:
+            if (
+                self._fsm_state == m.SETTLING
+                and self._settle_until is not None
+                and now >= self._settle_until
+            ):
                 self._settle_until = None
                 self._guard.until = None if self.outage == "keep_running" else self._deadline
                 self._fire("settled")
@@ -668,40 +774,49 @@ class MutexOwner:
                 self._ensure_workers()
             if self._fsm_state in (m.SUSPENDED, m.DRAINING):
                 self._step_down_if_due(now)
-            release_token = None
-            unclaimed = False
+            tokens: Optional[list[str]] = None
             if self._fsm_state == m.DRAINING and not self._workers_alive():
-                release_token = self._token
-            elif (
-                self._fsm_state == m.ACQUIRING
-                and self._stop_requested
-                # Workers still running without a lease: wait for them, or for the
-                # stuck-worker policy to have been applied, before ending for good.
-                and (not self._workers_alive() or self._stuck_reported)
-            ):
-                if self._unclaimed is None:
+                # Workers have exited: give the key back (on stop, every token that may be
+                # in Redis; after workers failed, the one we hold, to contend again).
+                if self._stop_requested:
+                    tokens = list(self._outstanding)
+                else:
+                    tokens = [self._token] if self._token is not None else []
+            elif self._stop_due():
+                if not self._outstanding:
                     self._fire("stop", reason="stopped")
                     self._finish()
                     return None
-                release_token, unclaimed = self._unclaimed, True
-                self._unclaimed = None
-            call_due = release_token is None and (
+                # A late or lost reply may have left one of our tokens in the key.
+                tokens = list(self._outstanding)
+            releasing_from = self._fsm_state
+            call_due = tokens is None and (
                 self._next_attempt is not None
                 and self._clock() >= self._next_attempt
                 and self._fsm_state != m.STOPPED
                 and not (self._fsm_state == m.ACQUIRING and self._workers_alive())
             )
         # Redis round trips happen without the lock: status() and stop() never wait on Redis.
-        if release_token is not None:
-            released = self._release(release_token)
+        if tokens is not None:
+            released = self._release_all(tokens)
             with self._lock:
-                releasing_from = m.ACQUIRING if unclaimed else m.DRAINING
+                for token in tokens:
+                    self._outstanding.pop(token, None)
                 if self._fsm_state == releasing_from and not self._final:
                     self._after_release(released)
         elif call_due:
             self._call_redis()
         with self._lock:
             return self._seconds_until_due()
+
+    def _stop_due(self) -> bool:
+        """stop() was asked, the lease is gone and no worker runs (or the stuck-worker policy
+        was applied to those that do): the stop can complete."""
+        return (
+            self._fsm_state == m.ACQUIRING
+            and self._stop_requested
+            and (not self._workers_alive() or self._stuck_reported)
+        )
 
     def _handle_outside_events(self, now: float) -> None:
         state = self._fsm_state
@@ -731,14 +846,11 @@ class MutexOwner:
         """Holding ended against our will: stop workers now, forget the token."""
         self._guard.until = -math.inf
         self._signal_workers_stop(now)
-        self._lost_reason = reason
         self._workers_failures = 0  # the workers were not the problem this time
         self._token = new_token()
         self._settle_until = None
         self._fire("lost", reason=reason)
-        if self._stop_requested and not self._workers_alive():
-            self._fire("stop", reason="stopped")
-            self._finish()
+        # A pending stop completes on this turn (_stop_due), releasing what may be left.
 
     def _give_up(self, reason: str, now: float) -> None:
         """Voluntary end (stop or workers failed): drain workers while still renewing."""
@@ -773,14 +885,16 @@ class MutexOwner:
         if self.outage == "keep_running":
             return
         if now >= self._deadline - self._shutdown_budget and self._workers_alive():
-            if self._stop_signalled_at is None:
-                log.warning(
+            first = self._stop_signalled_at is None
+            self._signal_workers_stop(now)
+            if first:
+                self._log.add(
+                    logging.WARNING,
                     "key=%s identity=%s stepping down: lease deadline in %.3f s not confirmed",
                     self.key,
                     self.identity,
                     max(0.0, self._deadline - now),
                 )
-            self._signal_workers_stop(now)
 
     def _signalled_at(self) -> Optional[float]:
         """When workers were first told to stop, by this thread or the supervisor's monitor."""
@@ -788,54 +902,84 @@ class MutexOwner:
         times = [t for t in (self._stop_signalled_at, sup_signalled) if t is not None]
         return min(times) if times else None
 
+    def _stuck_policy_at(self, signalled: float) -> Optional[float]:
+        """When stuck_worker_policy is due for workers told to stop at ``signalled``.
+
+        Once the lease is gone: after their shutdown budget. While it is ours, a stuck worker
+        is waited for (renewing); at the deadline the policy is due, and "exit" is due
+        EXIT_MARGIN earlier, so the process is gone before Redis can expire the key.
+        """
+        budget_end = signalled + self._shutdown_budget
+        if self._fsm_state in (m.ACQUIRING, m.STOPPED):
+            return budget_end
+        if self.outage != "step_down":
+            return None
+        margin = EXIT_MARGIN if self.stuck_worker_policy == "exit" else 0.0
+        return max(signalled, max(budget_end, self._deadline) - margin)
+
     def _check_stuck_workers(self, now: float) -> None:
-        """Workers alive after the lease is gone and shutdown_timeout passed: apply the policy."""
+        """Workers alive after the lease is gone and shutdown_timeout passed: the policy is due
+        (applied by _apply_due_policy, outside the lock)."""
         signalled = self._signalled_at()
         if self._stuck_reported or signalled is None or not self._workers_alive():
             return
-        lease_gone = self._fsm_state in (m.ACQUIRING, m.STOPPED) or (
-            self.outage == "step_down" and now >= self._deadline
-        )
-        if not lease_gone or now < signalled + self._shutdown_budget:
+        due_at = self._stuck_policy_at(signalled)
+        if due_at is None or now < due_at:
             return
         self._stuck_reported = True
         stuck = self.supervisor.alive_workers if self.supervisor is not None else ()
-        log.critical(
-            "key=%s identity=%s lost the lease while worker(s) %s still run: applying "
-            "stuck_worker_policy=%r",
-            self.key,
-            self.identity,
-            ", ".join(stuck),
-            self.stuck_worker_policy if isinstance(self.stuck_worker_policy, str) else "callable",
-        )
+        self._policy_due = stuck
         self._emit("stuck_policy", detail=", ".join(stuck), reason="lease_lost")
+
+    def _apply_due_policy(self) -> None:
+        """Apply stuck_worker_policy (lock not held: user code and exits never run under it)."""
+        with self._lock:
+            stuck, self._policy_due = self._policy_due, None
+        if stuck is None:
+            return
         policy = self.stuck_worker_policy
+        message = (
+            "key=%s identity=%s lost the lease while worker(s) %s still run: applying "
+            "stuck_worker_policy=%r"
+        )
+        name = policy if isinstance(policy, str) else "callable"
+        if policy == "exit":
+            _exit_process(message, self.key, self.identity, ", ".join(stuck), name)
+        self._log.add(logging.CRITICAL, message, self.key, self.identity, ", ".join(stuck), name)
         if callable(policy):
             try:
                 policy(stuck)
-            except Exception:
-                log.exception("stuck_worker_policy callable failed")
-        elif policy == "exit":
-            _flush_logs(timeout=1.0)
-            os._exit(STUCK_EXIT_STATUS)
+            except BaseException as exc:  # even SystemExit: the owner thread must live on
+                self._log.add(logging.ERROR, "stuck_worker_policy callable failed", exc=exc)
 
-    def _release(self, token: Optional[str]) -> bool:
-        """Release the key (one bounded round trip); a failure only means it expires by itself."""
-        if token is None:
-            return False
+    def _release_all(self, tokens: list[str]) -> bool:
+        """Release every token (newest first); True if one of them held the key. Stops at the
+        first error: Redis is unreachable, and what is left expires by itself."""
+        released = False
+        for token in reversed(tokens):
+            result = self._release(token)
+            if result is None:
+                break
+            released = released or result
+        return released
+
+    def _release(self, token: str) -> Optional[bool]:
+        """Release the key if it holds ``token`` (one bounded round trip); None on error, when
+        it expires by itself."""
         try:
             return self._lease.release(token)
         except ForkedOwnerError:
             raise
         except Exception as exc:
             error = classify_error(exc)
-            log.warning(
+            self._log.add(
+                logging.WARNING,
                 "key=%s could not release the lease (%s); it expires within %.3g s",
                 self.key,
                 redact_text(str(error)),
                 max(0.0, self._deadline - self._clock()),
             )
-            return False
+            return None
 
     def _after_release(self, released: bool) -> None:
         """Workers have all exited and the key is released (also a key we never held, taken
@@ -867,6 +1011,8 @@ class MutexOwner:
         state = self._fsm_state
         if state == m.STOPPED:
             return None
+        if self._stop_due():
+            return 0.0
         due: list[float] = []
         if self._next_attempt is not None and not (state == m.ACQUIRING and self._workers_alive()):
             due.append(self._next_attempt)
@@ -881,10 +1027,8 @@ class MutexOwner:
             due.append(self._settle_until)
         signalled = self._signalled_at()
         if signalled is not None and not self._stuck_reported and self._workers_alive():
-            stuck_at = signalled + self._shutdown_budget
-            # Once past, it is due only when the lease is gone (the policy is then due):
-            # while the lease is still ours a stuck worker is waited for, renewing.
-            if stuck_at > now or state in (m.ACQUIRING, m.STOPPED):
+            stuck_at = self._stuck_policy_at(signalled)
+            if stuck_at is not None:
                 due.append(stuck_at)
         future = [t for t in due if t > now]
         if len(future) < len(due):
@@ -899,6 +1043,7 @@ class MutexOwner:
             state = self._fsm_state
             token = self._token or new_token()
             self._token = token
+            self._remember(token)
             fence = self._fence if state in m.LEASE_STATES else None
         t_sent = self._clock()
         try:
@@ -917,13 +1062,28 @@ class MutexOwner:
         with self._lock:
             self._on_reply(result, token, t_sent, t_recv, renewing=fence is not None)
 
+    def _remember(self, token: str) -> None:
+        """``token`` is about to be sent in an acquire or renew: it may be in Redis from now."""
+        self._outstanding.pop(token, None)
+        self._outstanding[token] = None
+        while len(self._outstanding) > OUTSTANDING_TOKENS:
+            del self._outstanding[next(iter(self._outstanding))]
+
     def _on_reply(
         self, result: LeaseResult, token: str, t_sent: float, t_recv: float, *, renewing: bool
     ) -> None:
         if self._fsm_state == m.STOPPED or self._final:
             return
+        if isinstance(result, (Taken, Quiet)):
+            self._outstanding.pop(token, None)  # the key does not hold this token
+        errors_before = self._errors
         if self._errors:
-            log.info("key=%s Redis answering again after %d failed call(s)", self.key, self._errors)
+            self._log.add(
+                logging.INFO,
+                "key=%s Redis answering again after %d failed call(s)",
+                self.key,
+                self._errors,
+            )
         self._errors = 0
         self._fatal = False
         self._last_error = None
@@ -945,14 +1105,26 @@ class MutexOwner:
             # still be running. Look again when the quiet period ends.
             self._quiet_until = t_recv + result.lock_delay
             self._next_attempt = self._quiet_until + 0.001
+            if not self._quiet_logged:
+                self._quiet_logged = True
+                self._log.add(
+                    logging.INFO,
+                    "key=%s identity=%s waiting %.3f s (lock-delay) before taking the lease%s: "
+                    "Redis has no epoch marker for it (first use of this key, or Redis lost "
+                    "its data), so a holder from before may still be running",
+                    self.key,
+                    self.identity,
+                    result.lock_delay,
+                    " after the outage" if errors_before else "",
+                )
             return
+        self._quiet_logged = False
         if self._fsm_state == m.ACQUIRING:
             # The key holds the token of this call (a late renewal reply included).
             self._token = token
             if self._stop_requested:
-                # stop() is waiting (for a draining worker, say): never begin a new holding
-                # period; give the key back when the stop completes.
-                self._unclaimed = token
+                # stop() is pending (waiting for a draining worker, say): never begin a new
+                # holding period; the stop releases the key (_outstanding holds the token).
                 return
             self._on_acquired(result, t_sent, t_recv)
             return
@@ -967,7 +1139,8 @@ class MutexOwner:
             settle = t_recv + result.lock_delay + self.drift
             self._settle_until = max(self._settle_until or settle, settle)
         elif isinstance(result, Retaken) and result.lock_delay > 0:
-            log.warning(
+            self._log.add(
+                logging.WARNING,
                 "key=%s Redis had lost the lease; re-taken by its valid holder %s",
                 self.key,
                 self.identity,
@@ -993,13 +1166,15 @@ class MutexOwner:
         self._next_attempt = t_sent + self.renew_interval
         self._stop_signalled_at = None
         self._stuck_reported = False
+        self._seen_holder = None
         if result.lock_delay > 0:
             # Redis lost its state recently: a lease granted before the loss may still be
             # running on its holder's clock until the quiet period ends (invariant 7).
             # Counted from the reply, which comes after Redis computed the delay.
             self._settle_until = t_recv + result.lock_delay + self.drift
             self._guard.until = -math.inf
-            log.warning(
+            self._log.add(
+                logging.WARNING,
                 "key=%s no lease state in Redis from before (a fresh or restarted server, or "
                 "data loss): waiting %.3f s (lock-delay) before starting workers",
                 self.key,
@@ -1013,11 +1188,25 @@ class MutexOwner:
 
     def _on_taken(self, result: Taken, t_recv: float) -> None:
         if self._fsm_state in m.LEASE_STATES:
-            log.warning(
-                "key=%s identity=%s lease taken by %s", self.key, self.identity, result.holder
-            )
             self._lose("taken", t_recv)
+            self._log.add(
+                logging.WARNING,
+                "key=%s identity=%s lease taken by %s",
+                self.key,
+                self.identity,
+                result.holder,
+            )
         if self._fsm_state == m.ACQUIRING:
+            if result.holder != self._seen_holder:
+                self._seen_holder = result.holder
+                self._log.add(
+                    logging.INFO,
+                    "key=%s identity=%s standing by: the lease is held by %s (%.3f s left)",
+                    self.key,
+                    self.identity,
+                    result.holder,
+                    result.ttl_left,
+                )
             # Look again when the holder's lease would expire; a release notice comes sooner.
             self._next_attempt = t_recv + result.ttl_left + 0.001
 
@@ -1039,7 +1228,7 @@ class MutexOwner:
             return
         self._last_error_logged = now
         level = logging.ERROR if not error.transient else logging.WARNING
-        log.log(
+        self._log.add(
             level,
             "key=%s identity=%s state=%s Redis %s error (%d in a row): %s",
             self.key,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, TypeVar, Union, overload
 
 from mutexowner.backoff import BackoffPolicy
-from mutexowner.clock import Clock, WaitableClock, default_clock, wait_on
+from mutexowner.clock import SAFETY_WAIT_CAP, Clock, WaitableClock, default_clock, wait_on
 from mutexowner.errors import LeaseLost
 
 __all__ = ["LeaseGuard", "Supervisor", "WorkerContext"]
@@ -412,6 +412,10 @@ class Supervisor:
         current = threading.current_thread()
         with self._cond:
             self._stop_requested = True
+            # Signal the workers here, not only from the monitor: the owner's step-down must
+            # not depend on the monitor thread, which may be busy (or blocked in a log
+            # handler) at this moment (safety invariant 11).
+            self._signal_runs(list(self._runs))
             self._cond.notify_all()
             monitor = self._monitor
             inside = current is monitor or any(run.thread is current for run in self._runs)
@@ -529,9 +533,23 @@ class Supervisor:
     def _wait(self, timeout: Optional[float]) -> None:
         busy, self._busy = self._busy, False
         try:
-            wait_on(self._clock, self._cond, timeout)
+            wait_on(self._clock, self._cond, timeout, cap=self._wait_cap())
         finally:
             self._busy = busy
+
+    def _wait_cap(self) -> Optional[float]:
+        """Under a lease, re-read the clock at least every SAFETY_WAIT_CAP seconds: a thread
+        wait can outlast a step of the clock the deadline is measured on (suspend, or the
+        wall clock on Python < 3.11)."""
+        guard = self._guard
+        return SAFETY_WAIT_CAP if guard is not None and guard.valid_until() is not None else None
+
+    def _signal_runs(self, runs: list[_Run]) -> None:
+        """Set ``stopping`` for every run, in reverse order (lock held; no logging here)."""
+        if runs and self._signalled_at is None:
+            self._signalled_at = self._clock()
+        for run in reversed(runs):
+            run.ctx._signal_stop()
 
     def _step_down_at(self) -> Optional[float]:
         """When workers must be told to stop so that shutdown_timeout ends by the deadline."""
@@ -571,15 +589,15 @@ class Supervisor:
                     continue
                 if event == "stop":
                     reason = "stopped"
+                    self._shutdown()
                 else:
                     reason = event
-                    log.warning(
+                    self._shutdown(
                         "stopping workers of key=%s: the lease deadline is %.3g s away "
                         "(shutdown_timeout) and not confirmed",
                         self._key,
                         self.shutdown_timeout,
                     )
-                self._shutdown()
                 break
         except BaseException:  # a bug here must not leave workers running unsupervised
             log.critical("supervisor monitor failed; stopping all workers", exc_info=True)
@@ -609,19 +627,21 @@ class Supervisor:
             if too_many:
                 self._failed = True
         if too_many:
-            log.error(
+            with self._cond:
+                self._signal_runs(list(self._runs))
+            # Tell the owner at once, so it drains (keeps renewing) while workers stop.
+            self._notify("failed", crashed)
+            self._shutdown(
                 "worker %s ended unexpectedly; giving up after more than %d restart(s) within "
                 "%.3g s: stopping all workers (key=%s)",
                 crashed,
                 self.max_restarts,
                 self.max_seconds,
                 self._key,
+                level=logging.ERROR,
             )
-            # Tell the owner at once, so it drains (keeps renewing) while workers stop.
-            self._notify("failed", crashed)
-            self._shutdown()
             return "failed"
-        log.warning(
+        self._shutdown(
             "worker %s ended unexpectedly; restarting all workers (one_for_all, restart %d "
             "of at most %d within %.3g s; key=%s)",
             crashed,
@@ -630,7 +650,6 @@ class Supervisor:
             self.max_seconds,
             self._key,
         )
-        self._shutdown()
         with self._cond:
             if self.restart_backoff is not None and not self._stop_requested:
                 pause_until = self._clock() + self.restart_backoff.delay(attempt)
@@ -651,29 +670,28 @@ class Supervisor:
         self._notify("restarted", crashed)
         return ""
 
-    def _shutdown(self) -> None:
-        """Signal every worker (reverse order) and wait for each (reverse order).
+    def _shutdown(self, message: str = "", *args: object, level: int = logging.WARNING) -> None:
+        """Signal every worker (reverse order), log ``message``, wait for each (reverse order).
 
         Workers are signalled together, so each gets ``shutdown_timeout`` from the signal (one
-        shared budget: with an owner it must fit before the lease deadline). Workers still
-        alive after it are reported as stuck; then we keep waiting for them, because starting
-        new copies (or letting the owner release the lease) while they run would be a second
-        runner.
+        shared budget: with an owner it must fit before the lease deadline). The signal comes
+        before any logging: a log handler that blocks must not delay it. Workers still alive
+        after the budget are reported as stuck; then we keep waiting for them, because
+        starting new copies (or letting the owner release the lease) while they run would be
+        a second runner.
         """
         with self._cond:
             runs = list(self._runs)
-            if self._signalled_at is None:
-                self._signalled_at = self._clock()
-            for run in reversed(runs):
-                if not run.done:
-                    log.debug("asking worker %s to stop", run.spec.name)
-                run.ctx._signal_stop()
+            self._signal_runs(runs)
             budget_end = self._clock() + self.shutdown_timeout
+        if message:
+            log.log(level, message, *args)
+        for run in reversed(runs):
+            log.debug("asking worker %s to stop", run.spec.name)
+        with self._cond:
             for run in reversed(runs):
                 while not run.done and self._clock() < budget_end:
                     self._wait(budget_end - self._clock())
-                if run.done:
-                    log.debug("worker %s has stopped", run.spec.name)
             stuck = [run for run in reversed(runs) if not run.done]
             for run in stuck:
                 run.stuck = True
@@ -694,6 +712,7 @@ class Supervisor:
         for run in reversed(runs):
             if run.thread.ident is not None:  # never started: nothing to join
                 run.thread.join()
+            log.debug("worker %s has stopped", run.spec.name)
             if run.stuck:
                 log.warning("stuck worker %s has exited (key=%s)", run.spec.name, self._key)
 
