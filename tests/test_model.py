@@ -81,7 +81,7 @@ STOP_BOUND = 3 * TTL + BACKOFF.max_delay
 #: Turns at one fake instant before an owner is deemed to spin.
 SPIN_LIMIT = 200
 
-MODEL_EXAMPLES = int(os.environ.get("MUTEXOWNER_MODEL_EXAMPLES", "60"))
+MODEL_EXAMPLES = int(os.environ.get("MUTEXOWNER_MODEL_EXAMPLES", "100"))
 MODEL_STEPS = int(os.environ.get("MUTEXOWNER_MODEL_STEPS", "40"))
 
 
@@ -239,17 +239,9 @@ class Violation(AssertionError):
 
 
 #: Violations (by tag) of bugs that are known and not fixed yet, each pinned by a strict
-#: xfail reproduction below: the model tolerates them so that it can look for others.
+#: xfail replay below: the model tolerates them so that it can look for others (none now).
 #: ``MUTEXOWNER_MODEL_STRICT=1`` tolerates none.
-KNOWN_UNFIXED: frozenset[str] = frozenset(
-    {
-        # issue 10 item 4a: test_model_late_renewal_reply_while_stop_pending
-        "event after stopped",
-        "key left after stop: renew during stop",
-        # issue 10 item 4b: test_model_acquire_reply_lost_while_stop_pending
-        "key left after stop: acquire during stop",
-    }
-)
+KNOWN_UNFIXED: frozenset[str] = frozenset()
 if os.environ.get("MUTEXOWNER_MODEL_STRICT", "").strip() in ("1", "true", "yes"):
     KNOWN_UNFIXED = frozenset()
 
@@ -758,7 +750,7 @@ def test_lease_protocol_model() -> None:
     run_model()
 
 
-# -- reproductions of the bugs the model found (plain, deterministic replays) ---------------
+# -- the bugs the model found, replayed deterministically (regression tests) --------------
 
 
 def replay(steps: Callable[[LeaseModel], None]) -> None:
@@ -772,13 +764,11 @@ def replay(steps: Callable[[LeaseModel], None]) -> None:
             model.teardown()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=Violation,
-    reason="bug (issue 10 item 4b): an acquire that Redis executed but whose reply was lost "
-    "while stop() was pending: the owner ends stopped and its key stays held for a full ttl",
-)
 def test_model_acquire_reply_lost_while_stop_pending() -> None:
+    """Issue 10 item 4b, as the model found it on 3d0ef59: an acquire that Redis executed
+    but whose reply was lost while stop() was pending left the owner stopped and its key
+    held for a full ttl ("key left after stop: acquire during stop")."""
+
     def steps(model: LeaseModel) -> None:
         model.make_owners(supervised=[False, False])
         model.arm_fault(index=0, kind="lost_reply", delay=0.2, stop_midway=True)
@@ -788,14 +778,11 @@ def test_model_acquire_reply_lost_while_stop_pending() -> None:
     replay(steps)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=Violation,
-    reason="bug (issue 10 item 4a): a renewal reply that arrives after the deadline while "
-    "stop() is pending is processed as a renewal after 'stopped' (a 'renewed' event follows "
-    "it) and the key stays in Redis with a fresh ttl",
-)
 def test_model_late_renewal_reply_while_stop_pending() -> None:
+    """Issue 10 item 4a, as the model found it on 3d0ef59: a renewal reply that arrived
+    after the deadline while stop() was pending was processed as a renewal after "stopped"
+    ("event after stopped": a "renewed" event) and the key stayed with a fresh ttl."""
+
     def steps(model: LeaseModel) -> None:
         model.make_owners(supervised=[False, False])
         model.turn(index=0)  # O0 holds
