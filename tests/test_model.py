@@ -45,6 +45,7 @@ import contextlib
 import math
 import os
 import random
+import threading
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -210,6 +211,10 @@ class Party:
     driver: OwnerDriver
     supervisor: Optional[Supervisor]
     events: list[Event] = field(default_factory=list)
+    #: Cleared: the workers ignore ``stopping`` (stuck) until it is set again.
+    workers_free: threading.Event = field(default_factory=threading.Event)
+    #: User code (listener, on_acquired, on_lost, stuck_worker_policy) raises this, if set.
+    raises: Optional[type[BaseException]] = None
     #: Every token this owner sent to Redis in an acquire, renew or release.
     tokens: set[str] = field(default_factory=set)
     #: Every token this owner tried to release (compare-and-delete).
@@ -273,6 +278,7 @@ class LeaseModel(RuleBasedStateMachine):
         self.log: list[str] = []
         self.failed = False  # an invariant failed: teardown only cleans up
         self.tolerated: set[str] = set()  # tags of known_unfixed violations seen
+        self.pending: list[Violation] = []  # violations found, first one first
         self.known_unfixed = KNOWN_UNFIXED
         self.first: list[Optional[Fault]] = [None, None, None]  # see first_faults
 
@@ -288,7 +294,7 @@ class LeaseModel(RuleBasedStateMachine):
             sup: Optional[Supervisor] = None
             if with_supervisor:
                 sup = Supervisor(shutdown_timeout=SHUTDOWN)
-                sup.add(_cooperative_worker, name="w")
+                sup.add(self._worker(index), name="w")
             owner = MutexOwner(
                 fakeredis.FakeRedis(server=self.server),
                 NAME,
@@ -298,16 +304,37 @@ class LeaseModel(RuleBasedStateMachine):
                 supervisor=sup,
                 identity=f"O{index}",
                 clock=self.clock,
-                stuck_worker_policy="abandon",
+                stuck_worker_policy=self._user_code(index),
+                on_acquired=self._user_code(index),
+                on_lost=self._user_code(index),
                 rng=random.Random(index),
             )
             party = Party(index, owner, OwnerDriver(owner, self.clock), sup)
+            party.workers_free.set()
+            owner.add_listener(self._user_code(index))
             party.fault = self.first[index]
             owner.add_listener(self._listener(party))
             lease = owner._lease
             lease._run = self._link(party, lease, lease._run)  # type: ignore[method-assign]
             self.parties.append(party)
         self.log.append(f"owners: {['sup' if s else 'bare' for s in supervised]}")
+
+    def _worker(self, index: int) -> Callable[[WorkerContext], None]:
+        def work(ctx: WorkerContext) -> None:
+            ctx.stopping.wait()
+            self.parties[index].workers_free.wait()  # a stuck worker waits for the model
+
+        return work
+
+    def _user_code(self, index: int) -> Callable[[Any], None]:
+        """A user callback: raises what the model chose for this owner, if anything."""
+
+        def callback(arg: Any) -> None:
+            exc = self.parties[index].raises if index < len(self.parties) else None
+            if exc is not None:
+                raise exc("raised by user code (model)")
+
+        return callback
 
     def _listener(self, party: Party) -> Callable[[Event], None]:
         def listener(event: Event) -> None:
@@ -396,7 +423,15 @@ class LeaseModel(RuleBasedStateMachine):
     def _tick(self, party: Party) -> Optional[float]:
         if not party.live:
             return None
-        wait = party.driver.step()
+        try:
+            wait = party.driver.step()
+        except Violation:
+            raise
+        except BaseException as exc:  # an owner turn must never raise
+            self._violation(
+                "turn raised", f"O{party.index}'s turn raised {type(exc).__name__}: {exc}"
+            )
+            raise  # not reached: _violation raises
         self._check()
         return wait
 
@@ -507,6 +542,29 @@ class LeaseModel(RuleBasedStateMachine):
         party.crashed = True
         self._check()
 
+    @rule(
+        index=st.integers(0, 2),
+        exc=st.sampled_from([None, RuntimeError, SystemExit, KeyboardInterrupt]),
+    )
+    def user_code_raises(self, index: int, exc: Optional[type[BaseException]]) -> None:
+        """From now on the owner's listener, on_acquired, on_lost and stuck_worker_policy
+        raise ``exc`` (None: they return normally again)."""
+        party = self._party(index)
+        self.log.append(f"user code of O{party.index} raises {exc}")
+        party.raises = exc
+
+    @rule(index=st.integers(0, 2), stuck=st.booleans())
+    def workers_stuck(self, index: int, stuck: bool) -> None:
+        """The owner's workers ignore ``stopping`` from now on (or obey it again)."""
+        party = self._party(index)
+        self.log.append(f"workers of O{party.index} stuck={stuck}")
+        if stuck:
+            party.workers_free.clear()
+            party.driver.settle_timeout = 0.02  # nothing to wait for: they will not stop
+        else:
+            party.workers_free.set()
+            party.driver.settle_timeout = 5.0
+
     # -- rules: Redis -----------------------------------------------------------------------
 
     @rule(seconds=st.sampled_from([0.5, RENEW, TTL]))
@@ -589,7 +647,10 @@ class LeaseModel(RuleBasedStateMachine):
             self.tolerated.add(tag)
             return
         self.failed = True  # teardown then only cleans up
-        raise Violation(tag, message)
+        violation = Violation(tag, message)
+        # Raised inside a listener, the owner would swallow it: raise it again after the turn.
+        self.pending.append(violation)
+        raise violation
 
     def _check_fence(self, party: Party, fence: int) -> None:
         """A new holding period's fencing token is greater than every other holder's before."""
@@ -613,6 +674,8 @@ class LeaseModel(RuleBasedStateMachine):
             self._check()
 
     def _check(self) -> None:
+        if self.pending:
+            raise self.pending[0]
         now = self.clock()
         lease = self.redis.hgetall(KEYS.lease)
         key_token = lease.get(b"token", b"").decode() or None
@@ -698,6 +761,10 @@ class LeaseModel(RuleBasedStateMachine):
                     if party.live:
                         party.owner.stop()
                 self.fault_free()
+                for party in self.parties:
+                    party.raises = None
+                    party.workers_free.set()
+                    party.driver.settle_timeout = 5.0
                 self._run_for(STOP_BOUND + 0.1)
                 stuck = [p.index for p in self.parties if p.live]
                 if stuck:
@@ -707,6 +774,7 @@ class LeaseModel(RuleBasedStateMachine):
                     )
         finally:
             for party in self.parties:
+                party.workers_free.set()
                 if party.supervisor is not None:
                     party.supervisor.stop(timeout=5.0)
             self._exit.close()
@@ -723,10 +791,6 @@ def _classified(exc: Exception) -> Exception:
     error = classify_error(exc)
     error.__cause__ = exc
     return error
-
-
-def _cooperative_worker(ctx: WorkerContext) -> None:
-    ctx.stopping.wait()
 
 
 # -- the test ------------------------------------------------------------------------------
@@ -788,5 +852,37 @@ def test_model_late_renewal_reply_while_stop_pending() -> None:
         model.turn(index=0)  # O0 holds
         model.arm_fault(index=0, kind="late_reply", delay=TTL + 0.05, stop_midway=True)
         model.run_for(seconds=RENEW)  # the renewal: stop() meanwhile, reply after the deadline
+
+    replay(steps)
+
+
+def test_model_acquire_reply_lost_then_stop() -> None:
+    """Found by the model on 3d0ef59 (same class as item 4b): an acquire that Redis
+    executed but whose reply was lost, then stop() before the next attempt: the owner
+    ended stopped without releasing the token it had sent ("key left after stop")."""
+
+    def steps(model: LeaseModel) -> None:
+        model.make_owners(supervised=[False, False])
+        model.arm_fault(index=0, kind="lost_reply", delay=0.2, stop_midway=False)
+        model.turn(index=0)  # the acquire runs in Redis, its reply is lost
+        model.stop(index=0)
+        model.turn(index=0)  # the owner ends stopped: it must release what it may hold
+
+    replay(steps)
+
+
+def test_model_stuck_worker_policy_raising_system_exit() -> None:
+    """Issue 10 item 3, replayed in the model: a stuck_worker_policy callable that raises
+    SystemExit must not end the owner's turn (on 3d0ef59 it escaped ``_tick``, which in
+    the threaded owner ends the owner thread: "turn raised")."""
+
+    def steps(model: LeaseModel) -> None:
+        model.make_owners(supervised=[True, False])
+        model.turn(index=0)  # O0 holds; its worker runs
+        model.workers_stuck(index=0, stuck=True)
+        model.user_code_raises(index=0, exc=SystemExit)
+        model.redis_down(seconds=TTL)
+        model.run_for(seconds=2 * TTL)  # deadline: workers told to stop, stuck; policy applied
+        model.workers_stuck(index=0, stuck=False)
 
     replay(steps)
