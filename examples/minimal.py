@@ -41,7 +41,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("transitions").setLevel(logging.WARNING)  # its per-callback INFO lines
     done = threading.Event()  # set by a signal, --seconds or --ticks
 
     # Workers are told to stop shutdown_timeout before the lease's local deadline; the

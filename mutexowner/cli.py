@@ -16,8 +16,8 @@ import sys
 from typing import Any, Optional, TextIO
 
 from mutexowner import __version__
-from mutexowner.connection import client_from, derive_lease_client, redact_text, redact_url
-from mutexowner.lease import Lease, LeaseInfo, LeaseKeys
+from mutexowner.connection import client_from, redact_text, redact_url
+from mutexowner.inspection import STATUS_ERROR, LeaseReader, format_view
 from mutexowner.runner import (
     EXIT_GAVE_UP,
     EXIT_INTERNAL,
@@ -372,7 +372,9 @@ def status(
     out: Optional[TextIO] = None,
     err: Optional[TextIO] = None,
 ) -> int:
-    """``mutexowner status``: print who holds lease ``name``; 0 held, 3 free, 2 error.
+    """``mutexowner status``: print lease ``name`` as Redis sees it, and whether this host
+    runs the holder; ``STATUS_HELD`` (0) held, ``STATUS_FREE`` (3) free, ``STATUS_ERROR``
+    (2) error.
 
     ``redis`` is a URL or a ``redis.Redis`` client (tests pass a fake one).
     """
@@ -380,66 +382,36 @@ def status(
     err = sys.stderr if err is None else err
     if redis is None:
         _error(err, "status", f"no Redis URL: pass --redis URL or set ${REDIS_URL_ENV}")
-        return EXIT_USAGE
+        return STATUS_ERROR
     where = redact_url(redis) if isinstance(redis, str) else "the given client"
     try:
-        client = derive_lease_client(
-            client_from(redis, parameter="--redis"), timeout=STATUS_TIMEOUT
+        reader = LeaseReader(
+            redis,
+            name,
+            prefix=prefix,
+            timeout=STATUS_TIMEOUT,
+            where=where,
+            parameter="--redis",
+            name_parameter="--key",
+            prefix_parameter="--prefix",
         )
-        lease = Lease(client, name, ttl=1.0, identity="mutexowner-status", prefix=prefix)
-        info = lease.inspect()
-    except Exception as exc:
-        message = redact_text(str(exc))
+    except (TypeError, ValueError) as exc:
+        _error(err, "status", str(exc))
+        return STATUS_ERROR
+    try:
+        view = reader.read()
+    finally:
+        reader.close()
+    if view.error is not None:
         if as_json:
-            out.write(json.dumps({"name": name, "redis": where, "error": message}) + "\n")
-        _error(err, "status", f"cannot read lease {name!r} on {where}: {message}")
-        return EXIT_USAGE
+            out.write(json.dumps(view.as_dict(), sort_keys=True) + "\n")
+        _error(err, "status", f"cannot read lease {name!r} on {where}: {view.error}")
+        return STATUS_ERROR
     if as_json:
-        out.write(json.dumps(_status_dict(info, name, where), sort_keys=True) + "\n")
+        out.write(json.dumps(view.as_dict(), sort_keys=True) + "\n")
     else:
-        out.write(_status_text(info, name, where, LeaseKeys(name, prefix)))
-    return EXIT_OK if info.held else EXIT_STATUS_FREE
-
-
-def _status_dict(info: LeaseInfo, name: str, where: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "key": info.key,
-        "redis": where,
-        "held": info.held,
-        "holder": info.holder,
-        "ttl_left": info.ttl_left,
-        "fencing_token": info.fencing_token,
-        "fencing_counter": info.fencing_counter,
-        "lock_delay_remaining": info.lock_delay_remaining,
-        "epoch_present": info.epoch_present,
-    }
-
-
-def _status_text(info: LeaseInfo, name: str, where: str, keys: LeaseKeys) -> str:
-    lines = [f"lease {name!r} ({keys.lease} on {where}): {'held' if info.held else 'free'}"]
-    if info.held:
-        ttl = "no expiry (set by hand?)" if info.ttl_left is None else f"{info.ttl_left:.3f} s"
-        lines += [
-            f"  holder           {info.holder}",
-            f"  ttl left         {ttl}",
-            f"  fencing token    {info.fencing_token}",
-        ]
-    counter = info.fencing_counter
-    lines.append(
-        f"  fencing counter  {counter if counter is not None else 'none (never acquired here)'}"
-    )
-    if info.lock_delay_remaining > 0:
-        lines.append(
-            f"  lock-delay       {info.lock_delay_remaining:.3f} s left: Redis lost its state, "
-            "a new holder waits before starting workers"
-        )
-    if not info.epoch_present:
-        lines.append(
-            "  epoch marker     missing: the next acquisition waits one ttl (a fresh Redis, "
-            "or one that lost its data)"
-        )
-    return "\n".join(lines) + "\n"
+        out.write(format_view(view))
+    return view.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -47,6 +47,8 @@ class Event:
     error: Optional[str] = None
     error_kind: Optional[str] = None
     detail: Optional[str] = None
+    #: "renewed": the renewal's round trip in seconds (owner's clock), for latency metrics.
+    latency: Optional[float] = None
 
 
 Listener = Callable[[Event], object]

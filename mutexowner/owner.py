@@ -6,10 +6,11 @@ down, release. Between turns it waits on a condition until the next due time or 
 event (stop, a release notice, the supervisor). The same turn can be called directly in
 tests (``mutexowner.testing.OwnerDriver``), without the thread and without real time.
 
-Safety rests on the local deadline (DESIGN invariant 3): a lease confirmed by a reply to a
-request sent at ``t_sent`` is trusted until ``t_sent + ttl - drift`` on our own clock, which
-ends before Redis can expire the key. Workers are told to stop ``shutdown_timeout`` before
-that deadline, by this thread and, independently, by the supervisor's own monitor thread.
+Safety rests on the local deadline (docs/safety.md, points 2-3): a lease confirmed by a
+reply to a request sent at ``t_sent`` is trusted until ``t_sent + ttl - drift`` on our own
+clock, which ends before Redis can expire the key. Workers are told to stop
+``shutdown_timeout`` before that deadline, by this thread and, independently, by the
+supervisor's own monitor thread.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from transitions import EventData
 from transitions.extensions import LockedMachine
 
 from mutexowner import machine as m
-from mutexowner._validate import finite_number
 from mutexowner.backoff import BackoffPolicy
 from mutexowner.clock import SAFETY_WAIT_CAP, Clock, default_clock, wait_on
 from mutexowner.connection import (
@@ -55,6 +55,7 @@ from mutexowner.lease import (
 )
 from mutexowner.notify import ReleaseListener
 from mutexowner.supervisor import Supervisor
+from mutexowner.timing import LeaseTiming, drift_for
 
 __all__ = ["MutexOwner", "OwnerStatus", "drift_for"]
 
@@ -78,11 +79,6 @@ OUTSTANDING_TOKENS = 8
 MACHINE_NAME_PREFIX = "mutexowner["
 
 StuckPolicy = Union[str, Callable[[tuple[str, ...]], object]]
-
-
-def drift_for(ttl: float) -> float:
-    """Clock-drift allowance subtracted from every lease: 1 % of ttl plus 2 ms (DESIGN)."""
-    return ttl * 0.01 + 0.002
 
 
 @dataclass(frozen=True)
@@ -110,7 +106,7 @@ class OwnerStatus:
 
 def _exit_process(message: str, *args: object) -> NoReturn:
     """End the process now (``os._exit``), after at most EXIT_LOG_BUDGET seconds of trying
-    to log why: a log handler that blocks cannot delay the exit (safety invariant 11)."""
+    to log why: a log handler that blocks cannot delay the exit (docs/safety.md, point 8)."""
 
     def say() -> None:
         with contextlib.suppress(BaseException):
@@ -133,8 +129,8 @@ class _DeferredLog:
 
     A log handler may block (a full stderr pipe, a stuck network handler). The owner thread
     never calls one: a blocked handler must not delay a step-down, a renewal or a release,
-    nor hold the lock that ``holding``, ``status()`` and ``stop()`` need (safety invariant
-    11). The lines are written in order with the events; without an events thread (test
+    nor hold the lock that ``holding``, ``status()`` and ``stop()`` need (docs/safety.md,
+    point 8). The lines are written in order with the events; without an events thread (test
     drivers) they are written by the caller of ``flush``.
     """
 
@@ -252,28 +248,8 @@ class MutexOwner:
         rng: Optional[random.Random] = None,
     ) -> None:
         self.key = validate_name(name, "name")
-        validate_name(prefix, "prefix")
-        self.ttl = finite_number("ttl", ttl)
-        if self.ttl <= 0:
-            raise ValueError(f"ttl must be a finite number > 0 (seconds), got {ttl!r}")
-        self.drift = drift_for(self.ttl)
-        if renew_interval is None:
-            self.renew_interval = self.ttl / 3
-        else:
-            self.renew_interval = finite_number("renew_interval", renew_interval)
-            if not 0 < self.renew_interval < self.ttl:
-                raise ValueError(
-                    f"renew_interval must be > 0 and < ttl ({self.ttl:g}), got {renew_interval!r}"
-                )
-        if call_timeout is None:
-            self.call_timeout = min(1.0, self.renew_interval / 3)
-        else:
-            self.call_timeout = finite_number("call_timeout", call_timeout)
-            if not 0 < self.call_timeout <= self.renew_interval:
-                raise ValueError(
-                    f"call_timeout must be > 0 and <= renew_interval "
-                    f"({self.renew_interval:g}), got {call_timeout!r}"
-                )
+        #: Prefix of the lease's Redis keys (``<prefix>:{<name>}:...``).
+        self.prefix = validate_name(prefix, "prefix")
         if backoff is not None and not isinstance(backoff, BackoffPolicy):
             raise TypeError(
                 f"backoff must be a BackoffPolicy or None, got {type(backoff).__name__}"
@@ -284,16 +260,18 @@ class MutexOwner:
                 f"supervisor must be a Supervisor or None, got {type(supervisor).__name__}"
             )
         self.supervisor = supervisor
-        shutdown = supervisor.shutdown_timeout if supervisor is not None else 0.0
-        if supervisor is not None and not self.renew_interval + shutdown < self.ttl - self.drift:
-            raise ValueError(
-                f"renew_interval ({self.renew_interval:g}) + supervisor shutdown_timeout "
-                f"({shutdown:g}) must be < ttl - drift ({self.ttl - self.drift:g} for ttl="
-                f"{self.ttl:g}): workers are told to stop shutdown_timeout before the lease "
-                f"deadline, which must come after the first renewal. Lower shutdown_timeout "
-                f"or renew_interval, or raise ttl."
-            )
-        self._shutdown_budget = shutdown
+        #: The lease's numbers (ttl, renew interval, call timeout, drift, shutdown budget).
+        self.timing = LeaseTiming.of(
+            ttl,
+            renew_interval,
+            call_timeout,
+            shutdown_budget=supervisor.shutdown_timeout if supervisor is not None else 0.0,
+        )
+        self.ttl = self.timing.ttl
+        self.drift = self.timing.drift
+        self.renew_interval = self.timing.renew_interval
+        self.call_timeout = self.timing.call_timeout
+        self._shutdown_budget = self.timing.shutdown_budget
         if identity is None:
             identity = _default_identity()
         if not isinstance(identity, str) or not identity.strip() or "\n" in identity:
@@ -566,6 +544,12 @@ class MutexOwner:
         """Stop calling ``listener``; ValueError if it was not added."""
         self._events.remove(listener)
 
+    @property
+    def redis_client(self) -> Any:
+        """The Redis client this owner was given (or built from a URL). The owner's own lease
+        calls use a connection derived from it, with their own short timeouts."""
+        return self._base_client
+
     def __repr__(self) -> str:
         return (
             f"MutexOwner(key={self.key!r}, identity={self.identity!r}, state={self.state!r}, "
@@ -741,7 +725,7 @@ class MutexOwner:
         """Do what is due now; return seconds until something is due again (None: only events).
 
         Safety actions happen inside the turn; a stuck-worker policy and the turn's log
-        lines come after it, outside the lock (safety invariant 11).
+        lines come after it, outside the lock (docs/safety.md, point 8).
         """
         try:
             return self._turn()
@@ -1130,7 +1114,7 @@ class MutexOwner:
             return
         # Renewal of a lease we hold.
         self._fence = result.fencing_token
-        self._deadline = t_sent + self.ttl - self.drift
+        self._deadline = self.timing.deadline(t_sent)
         self._guard.until = None if self.outage == "keep_running" else self._deadline
         self._next_attempt = t_sent + self.renew_interval
         if self._fsm_state == m.SETTLING and isinstance(result, Retaken) and result.lock_delay > 0:
@@ -1152,24 +1136,25 @@ class MutexOwner:
                 self._workers_failures = 0  # the workers have been healthy for a while
         if self._fsm_state == m.SUSPENDED:
             self._fire("renewed")
-        self._emit("renewed")
+        self._emit("renewed", latency=t_recv - t_sent)
 
     def _on_acquired(self, result: LeaseResult, t_sent: float, t_recv: float) -> None:
         assert isinstance(result, (Acquired, Renewed, Retaken))
-        if t_recv >= t_sent + self.ttl - self.drift:
+        if t_recv >= self.timing.deadline(t_sent):
             # The reply took longer than the lease itself: it confirms nothing. The key holds
             # our token, so the next attempt (now) renews it idempotently if it still can.
             self._next_attempt = t_recv
             return
         self._fence = result.fencing_token
-        self._deadline = t_sent + self.ttl - self.drift
+        self._deadline = self.timing.deadline(t_sent)
         self._next_attempt = t_sent + self.renew_interval
         self._stop_signalled_at = None
         self._stuck_reported = False
         self._seen_holder = None
         if result.lock_delay > 0:
             # Redis lost its state recently: a lease granted before the loss may still be
-            # running on its holder's clock until the quiet period ends (invariant 7).
+            # running on its holder's clock until the quiet period ends (docs/safety.md,
+            # point 5).
             # Counted from the reply, which comes after Redis computed the delay.
             self._settle_until = t_recv + result.lock_delay + self.drift
             self._guard.until = -math.inf

@@ -226,6 +226,9 @@ class Supervisor:
         self._hook: Optional[Callable[[str, str], None]] = None
         self._bound = False
         self._last_stop_reason: Optional[str] = None
+        #: Log lines about starting workers, written by the monitor thread outside the lock:
+        #: start() runs on the owner's thread, which must never wait on a log handler.
+        self._announce: list[tuple[int, str, tuple[object, ...], Optional[BaseException]]] = []
         # True while the monitor thread is working (not waiting): lets test drivers with a
         # fake clock wait for it before moving time on.
         self._busy = False
@@ -414,7 +417,7 @@ class Supervisor:
             self._stop_requested = True
             # Signal the workers here, not only from the monitor: the owner's step-down must
             # not depend on the monitor thread, which may be busy (or blocked in a log
-            # handler) at this moment (safety invariant 11).
+            # handler) at this moment (docs/safety.md, point 8).
             self._signal_runs(list(self._runs))
             self._cond.notify_all()
             monitor = self._monitor
@@ -494,11 +497,20 @@ class Supervisor:
             )
             self._runs.append(run)
         for run in self._runs:
-            log.debug("starting worker %s (restart_count=%d)", run.spec.name, restart_count)
+            self._announce.append(
+                (
+                    logging.DEBUG,
+                    "starting worker %s (restart_count=%d)",
+                    (run.spec.name, restart_count),
+                    None,
+                )
+            )
             try:
                 run.thread.start()
             except BaseException as exc:
-                log.error("could not start worker %s", run.spec.name, exc_info=exc)
+                self._announce.append(
+                    (logging.ERROR, "could not start worker %s", (run.spec.name,), exc)
+                )
                 run.done = True
                 run.error = exc
                 self._exits.append(_Exit(run, expected=False))
@@ -580,6 +592,7 @@ class Supervisor:
         self._busy = True
         try:
             while True:
+                self._write_announcements()
                 with self._cond:
                     event = self._next_event()
                 if event == "crash":
@@ -613,6 +626,12 @@ class Supervisor:
                 self._cond.notify_all()
             # After idle: whoever this wakes sees running == False.
             self._notify("idle", reason)
+
+    def _write_announcements(self) -> None:
+        with self._cond:
+            lines, self._announce = self._announce, []
+        for level, message, args, exc in lines:
+            log.log(level, message, *args, exc_info=exc)
 
     def _restart_or_give_up(self) -> str:
         """Handle a worker that ended on its own: restart all, or give up. '' means restarted."""
@@ -683,7 +702,10 @@ class Supervisor:
         with self._cond:
             runs = list(self._runs)
             self._signal_runs(runs)
-            budget_end = self._clock() + self.shutdown_timeout
+            # The budget runs from the first signal, which stop() may have sent before this
+            # thread got here.
+            signalled = self._signalled_at if self._signalled_at is not None else self._clock()
+            budget_end = signalled + self.shutdown_timeout
         if message:
             log.log(level, message, *args)
         for run in reversed(runs):

@@ -43,9 +43,12 @@ class BlockingHandler(logging.Handler):
         self.gate = threading.Event()
         self.blocked = threading.Event()
         self.only_threads = only_threads
+        self.except_threads: set[int] = set()
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.only_threads is not None and record.thread not in self.only_threads:
+            return
+        if record.thread in self.except_threads:
             return
         self.blocked.set()
         self.gate.wait(60)
@@ -219,6 +222,23 @@ def test_holding_status_and_stop_never_wait_on_a_blocked_handler(
     done, _ = in_thread(lambda: mo.holding)
     assert done
     assert mo.stop(timeout=0.05) is False  # the owner thread cannot end while it is blocked
+    blocking_handler.gate.set()
+    assert mo.stop(REAL_TIMEOUT)
+
+
+def test_starting_workers_never_waits_on_a_blocked_handler(
+    blocking_handler: BlockingHandler,
+) -> None:
+    # The owner thread starts the workers (Supervisor.start()): that path must not log.
+    logging.getLogger("mutexowner").setLevel(logging.DEBUG)
+    blocking_handler.except_threads = {threading.get_ident()}
+    fake = FakeClock()
+    worker = Worker()
+    mo, _ = supervised_owner(fake_redis("job"), fake, "A", worker)
+    mo.start()
+    assert worker.started.wait(REAL_TIMEOUT), "the worker never started"
+    done, holding = in_thread(lambda: mo.holding)
+    assert done and holding is True
     blocking_handler.gate.set()
     assert mo.stop(REAL_TIMEOUT)
 

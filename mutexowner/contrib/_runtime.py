@@ -5,14 +5,19 @@
   ``--preload``) that never serves a request never holds a lease.
 - ``run_foreground``: run an owner until SIGTERM or SIGINT, then stop it cleanly (the
   management command and ``flask mutexowner run``).
-- ``status_response``: the JSON status document and its HTTP code for health checks.
-- ``lease_report``: who holds the lease in Redis, for ``--status`` commands.
+- ``status_response``: the JSON status document and its HTTP code for health checks: this
+  process's owner and the lease as Redis sees it (``lease_reader``).
+- ``check_report``: the settings and a test that Redis answers and runs the lease scripts.
+- ``lease_report``: the lease as Redis sees it, for the ``status`` commands, with the exit
+  codes of ``mutexowner status``.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -22,15 +27,22 @@ from collections.abc import Iterable
 from types import FrameType
 from typing import Any, Callable, Optional, TextIO
 
-from mutexowner.connection import client_from, derive_lease_client, redact_text
 from mutexowner.contrib._settings import OwnerSettings
-from mutexowner.lease import Lease
+from mutexowner.inspection import (
+    STATUS_ERROR,
+    LeaseReader,
+    LeaseView,
+    check_redis,
+    format_view,
+)
 from mutexowner.owner import MutexOwner
 
 __all__ = [
     "REQUIRE_CHOICES",
     "ProcessOwner",
+    "check_report",
     "configure_logging",
+    "lease_reader",
     "lease_report",
     "run_foreground",
     "status_response",
@@ -39,7 +51,9 @@ __all__ = [
 log = logging.getLogger("mutexowner.contrib")
 
 #: Values of the status endpoint's ``?require=`` parameter.
-REQUIRE_CHOICES = ("holding", "started")
+REQUIRE_CHOICES = ("host", "held", "holding", "started")
+#: ``?require=`` values answered from this process alone (no Redis call: liveness probes).
+LOCAL_REQUIRES = ("holding", "started")
 
 _HOLDERS: weakref.WeakSet[ProcessOwner] = weakref.WeakSet()
 
@@ -226,50 +240,125 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def status_response(
-    owner: Optional[MutexOwner], key: str, require: Optional[str]
-) -> tuple[dict[str, Any], int]:
-    """The status document of this process's owner and the HTTP code to serve it with.
+_READERS: weakref.WeakKeyDictionary[OwnerSettings, LeaseReader] = weakref.WeakKeyDictionary()
+_READERS_LOCK = threading.Lock()
 
-    ``require=None``: always 200. ``"holding"``: 503 unless this process holds the lease
-    (a load balancer check that finds the active node). ``"started"``: 503 unless this
-    process runs an owner (liveness of the integration). Anything else: 400.
+
+def lease_reader(settings: OwnerSettings) -> LeaseReader:
+    """The ``LeaseReader`` of ``settings``' lease, made once and reused by every status
+    request (it reconnects by itself after ``fork()``)."""
+    with _READERS_LOCK:
+        try:
+            reader = _READERS.get(settings)
+        except TypeError:  # unhashable settings (an exotic callable): no caching
+            reader = None
+        if reader is None:
+            reader = LeaseReader(
+                settings.redis,
+                settings.key,
+                prefix=settings.prefix,
+                where=settings.redis_description,
+            )
+            with contextlib.suppress(TypeError):
+                _READERS[settings] = reader
+        return reader
+
+
+def status_response(
+    owner: Optional[MutexOwner],
+    key: str,
+    require: Optional[str],
+    reader: Optional[LeaseReader] = None,
+) -> tuple[dict[str, Any], int]:
+    """The status document of this process's owner (and, with ``reader``, of the lease as
+    Redis sees it) and the HTTP code to serve it with.
+
+    ``require=None``: always 200 (a dashboard). ``"host"``: 503 unless Redis says the holder
+    runs on this host (a load balancer check that finds the active node, whichever process
+    of the host holds the lease). ``"held"``: 503 unless some owner anywhere holds the lease
+    (fleet health). ``"holding"``: 503 unless *this process* holds the lease. ``"started"``:
+    503 unless this process runs an owner (liveness of an autostarted owner). ``"holding"``
+    and ``"started"`` never call Redis; the others do (one short read-only round trip), and
+    answer 503 when Redis cannot be read. Anything else: 400.
     """
+    if require is not None and require not in REQUIRE_CHOICES:
+        error = f"require must be one of {', '.join(REQUIRE_CHOICES)}, got {require!r}"
+        return {"error": error}, 400
     if owner is None:
         body: dict[str, Any] = {"key": key, "state": "not_started", "holding": False}
     else:
         body = {k: _jsonable(v) for k, v in dataclasses.asdict(owner.status()).items()}
     body["pid"] = os.getpid()
+    view: Optional[LeaseView] = None
+    if reader is not None and require not in LOCAL_REQUIRES:
+        view = reader.read()
+        body["lease"] = view.as_dict()
     if require is None:
         return body, 200
-    if require not in REQUIRE_CHOICES:
-        error = f"require must be one of {', '.join(REQUIRE_CHOICES)}, got {require!r}"
-        return {"error": error}, 400
     if require == "holding":
-        return body, 200 if body["holding"] else 503
-    return body, 200 if body["state"] not in ("not_started", "stopped") else 503
+        ok = bool(body["holding"])
+    elif require == "started":
+        ok = body["state"] not in ("not_started", "stopped")
+    elif view is None:
+        ok = False  # no reader: nobody can tell
+    elif require == "host":
+        ok = view.error is None and view.held_by_this_host is True
+    else:  # "held"
+        ok = view.error is None and view.held
+    return body, 200 if ok else 503
 
 
-def lease_report(settings: OwnerSettings, out: TextIO, *, timeout: float = 2.0) -> int:
-    """Write who holds the lease in Redis (no token shown); 0, or 1 when Redis failed."""
-    out.write(f"key: {settings.key}\nredis: {settings.redis_description}\n")
+def lease_report(
+    settings: OwnerSettings, out: TextIO, *, as_json: bool = False, timeout: float = 2.0
+) -> int:
+    """Write the lease as Redis sees it (no token shown), as ``mutexowner status`` does;
+    return the same exit status: ``STATUS_HELD`` (0), ``STATUS_FREE`` (3) or
+    ``STATUS_ERROR`` (2)."""
+    reader = LeaseReader(
+        settings.redis,
+        settings.key,
+        prefix=settings.prefix,
+        timeout=timeout,
+        where=settings.redis_description,
+    )
     try:
-        client = derive_lease_client(client_from(settings.redis), timeout=timeout)
-        lease = Lease(
-            client, settings.key, ttl=settings.ttl, identity="status", prefix=settings.prefix
-        )
-        info = lease.inspect()
-    except Exception as exc:
-        out.write(f"error: {redact_text(str(exc)) or type(exc).__name__}\n")
-        return 1
-    if info.held:
-        ttl_left = "none" if info.ttl_left is None else f"{info.ttl_left:.3f} s"
-        out.write(
-            f"holder: {info.holder}\nfencing_token: {info.fencing_token}\nttl_left: {ttl_left}\n"
-        )
+        view = reader.read()
+    finally:
+        reader.close()
+    if as_json:
+        out.write(json.dumps(view.as_dict(), sort_keys=True) + "\n")
     else:
-        out.write("holder: (none)\n")
-    if info.lock_delay_remaining > 0:
-        out.write(f"lock_delay_remaining: {info.lock_delay_remaining:.3f} s\n")
+        out.write(format_view(view))
     out.flush()
-    return 0
+    return view.exit_code
+
+
+def check_report(
+    settings: OwnerSettings, out: TextIO, *, as_json: bool = False, timeout: float = 2.0
+) -> int:
+    """Print the validated settings (password hidden), then test Redis: PING, SCRIPT EXISTS
+    and a read-only lease script call (``inspection.check_redis``). 0 when Redis passed,
+    ``STATUS_ERROR`` (2) otherwise."""
+    reader = LeaseReader(
+        settings.redis,
+        settings.key,
+        prefix=settings.prefix,
+        timeout=timeout,
+        where=settings.redis_description,
+    )
+    try:
+        result = check_redis(reader)
+    finally:
+        reader.close()
+    if as_json:
+        steps = [{"step": s, "ok": ok, "detail": d} for s, ok, d in result.steps]
+        document = {"settings": settings.describe(), "redis": {"ok": result.ok, "steps": steps}}
+        out.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    else:
+        out.write("settings: valid\n")
+        out.write(json.dumps(settings.describe(), indent=2, sort_keys=True) + "\n")
+        out.write(f"redis: {settings.redis_description}\n")
+        out.write("".join(f"  {line}\n" for line in result.lines()))
+        out.write("redis: ok\n" if result.ok else "redis: FAILED\n")
+    out.flush()
+    return 0 if result.ok else STATUS_ERROR

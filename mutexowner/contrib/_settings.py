@@ -8,10 +8,11 @@ the setting and its allowed values, and never show a Redis password.
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import math
+import pkgutil
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import redis
@@ -19,8 +20,9 @@ import redis
 from mutexowner.connection import client_from, describe_client, redact_text, redact_url
 from mutexowner.errors import MutexOwnerError
 from mutexowner.lease import validate_name
-from mutexowner.owner import OUTAGE_MODES, STUCK_POLICIES, MutexOwner, StuckPolicy, drift_for
+from mutexowner.owner import OUTAGE_MODES, STUCK_POLICIES, MutexOwner, StuckPolicy
 from mutexowner.supervisor import Supervisor
+from mutexowner.timing import LeaseTiming, TimingError, TimingNames
 
 __all__ = [
     "DEFAULT_SHUTDOWN_TIMEOUT",
@@ -55,6 +57,8 @@ WorkerTarget = Callable[..., Any]
 Namer = Callable[[str], str]
 #: Wraps each configured worker (Django closes DB connections, Flask pushes an app context).
 WorkerWrapper = Callable[[WorkerTarget], WorkerTarget]
+#: Imports a dotted path (``"package.module.attribute"``); raises ImportError.
+Importer = Callable[[str], Any]
 
 
 class ConfigurationError(MutexOwnerError, ValueError):
@@ -62,22 +66,22 @@ class ConfigurationError(MutexOwnerError, ValueError):
 
 
 def import_string(path: str) -> Any:
-    """Import ``"package.module.attribute"`` (or ``"package.module:attribute"``)."""
+    """Import ``"package.module.attribute"`` or ``"package.module:attribute"``.
+
+    The default importer of ``parse_settings`` (the standard library's
+    ``pkgutil.resolve_name``, every failure as ``ImportError``); the Django integration uses
+    Django's ``import_string`` and the Flask integration werkzeug's instead.
+    """
     if not isinstance(path, str) or not path.strip():
         raise ImportError(f"not a dotted path: {path!r}")
-    module_path, sep, attribute = path.partition(":")
-    if not sep:
-        module_path, _, attribute = path.rpartition(".")
-    if not module_path or not attribute:
+    if "." not in path and ":" not in path:
         raise ImportError(f"{path!r} is not a dotted path like 'package.module.attribute'")
-    module = importlib.import_module(module_path)
     try:
-        obj = module
-        for part in attribute.split("."):
-            obj = getattr(obj, part)
-    except AttributeError:
-        raise ImportError(f"module {module_path!r} has no attribute {attribute!r}") from None
-    return obj
+        return pkgutil.resolve_name(path)
+    except ImportError:
+        raise
+    except (AttributeError, ValueError) as exc:
+        raise ImportError(f"cannot import {path!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -99,12 +103,16 @@ class OwnerSettings:
     autostart: bool = False
     prefix: str = "mutexowner"
     prometheus: bool = False
-    #: The renew interval the owner will use (``renew_interval`` or ttl/3).
-    effective_renew_interval: float = field(init=False)
 
-    def __post_init__(self) -> None:
-        renew = self.ttl / 3 if self.renew_interval is None else self.renew_interval
-        object.__setattr__(self, "effective_renew_interval", renew)
+    @property
+    def timing(self) -> LeaseTiming:
+        """The lease's numbers as the owner will use them (validated by ``parse_settings``)."""
+        return LeaseTiming.of(self.ttl, self.renew_interval)
+
+    @property
+    def effective_renew_interval(self) -> float:
+        """The renew interval the owner will use (``renew_interval`` or ttl/3)."""
+        return self.timing.renew_interval
 
     @property
     def redis_description(self) -> str:
@@ -197,7 +205,11 @@ class _Reader:
     """Validates one settings mapping, raising ``error(message)`` on the first problem."""
 
     def __init__(
-        self, values: Mapping[str, Any], name: Namer, error: Callable[[str], Exception]
+        self,
+        values: Mapping[str, Any],
+        name: Namer,
+        error: Callable[[str], Exception],
+        importer: Importer,
     ) -> None:
         unknown = sorted(set(values) - set(KEYS))
         if unknown:  # a programming error in the framework adapter, not a user error
@@ -205,9 +217,14 @@ class _Reader:
         self.values = values
         self.name = name
         self.error = error
+        self.importer = importer
 
-    def fail(self, message: str) -> Exception:
-        return self.error(message)
+    def fail(self, message: str, *, key: str) -> Exception:
+        """The exception for a problem with setting ``key``; it carries ``setting = key``."""
+        exc = self.error(message)
+        with contextlib.suppress(AttributeError):  # an exception type with __slots__
+            exc.setting = key  # type: ignore[attr-defined]
+        return exc
 
     def seconds(
         self, key: str, default: Optional[float], *, allow_zero: bool = False
@@ -218,7 +235,8 @@ class _Reader:
         bound = ">= 0" if allow_zero else "> 0"
         if not _is_number(value) or float(value) < 0 or (float(value) == 0 and not allow_zero):
             raise self.fail(
-                f"{self.name(key)} must be a finite number of seconds {bound}, got {value!r}"
+                f"{self.name(key)} must be a finite number of seconds {bound}, got {value!r}",
+                key=key,
             )
         return float(value)
 
@@ -227,29 +245,33 @@ class _Reader:
         value = self.values.get(key)
         allowed = "a redis://, rediss:// or unix:// URL (or a redis.Redis client)"
         if value is None or value == "":
-            raise self.fail(f"{self.name(key)} is required: {allowed}")
+            raise self.fail(f"{self.name(key)} is required: {allowed}", key=key)
         if isinstance(value, redis.Redis):
             return value
         if not isinstance(value, str):
-            raise self.fail(f"{self.name(key)} must be {allowed}, got {type(value).__name__}")
+            raise self.fail(
+                f"{self.name(key)} must be {allowed}, got {type(value).__name__}", key=key
+            )
         try:
             client_from(value, parameter=self.name(key))
         except (TypeError, ValueError) as exc:
             # Our own message repeats the URL; redis-py's parse errors explain the problem.
             detail = "" if str(exc).startswith(self.name(key)) else f": {redact_text(str(exc))}"
             raise self.fail(
-                f"{self.name(key)} must be {allowed}, got {redact_url(value)!r}{detail}"
+                f"{self.name(key)} must be {allowed}, got {redact_url(value)!r}{detail}", key=key
             ) from None
         return value
 
     def lease_name(self, key: str, default: Optional[str]) -> str:
         value = self.values.get(key, default)
         if value is None or value == "":
-            raise self.fail(f"{self.name(key)} is required: the lease name, e.g. 'myapp:scheduler'")
+            raise self.fail(
+                f"{self.name(key)} is required: the lease name, e.g. 'myapp:scheduler'", key=key
+            )
         try:
             return validate_name(value, self.name(key))
         except (TypeError, ValueError) as exc:
-            raise self.fail(str(exc)) from None
+            raise self.fail(str(exc), key=key) from None
 
     def identity(self) -> Optional[str]:
         key = "IDENTITY"
@@ -259,7 +281,8 @@ class _Reader:
         if not isinstance(value, str) or not value.strip() or "\n" in value:
             raise self.fail(
                 f"{self.name(key)} must be a non-empty single-line string (default: "
-                f"hostname:pid:random, different in every process), got {value!r}"
+                f"hostname:pid:random, different in every process), got {value!r}",
+                key=key,
             )
         return value
 
@@ -271,16 +294,17 @@ class _Reader:
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise self.fail(
                 f"{self.name(key)} must be a list of dotted paths (or callables) of workers "
-                f"taking a WorkerContext, got {value!r}"
+                f"taking a WorkerContext, got {value!r}",
+                key=key,
             )
         workers: list[tuple[str, WorkerTarget]] = []
         for index, item in enumerate(value):
             if isinstance(item, str):
                 try:
-                    target = import_string(item)
+                    target = self.importer(item)
                 except ImportError as exc:
                     raise self.fail(
-                        f"{self.name(key)}[{index}] = {item!r} cannot be imported: {exc}"
+                        f"{self.name(key)}[{index}] = {item!r} cannot be imported: {exc}", key=key
                     ) from exc
                 name = item
             else:
@@ -289,10 +313,11 @@ class _Reader:
             if not callable(target):
                 raise self.fail(
                     f"{self.name(key)}[{index}] must be a dotted path to a callable taking a "
-                    f"WorkerContext (or the callable), got {item!r}"
+                    f"WorkerContext (or the callable), got {item!r}",
+                    key=key,
                 )
             if any(existing == name for existing, _ in workers):
-                raise self.fail(f"{self.name(key)} lists {name!r} twice")
+                raise self.fail(f"{self.name(key)} lists {name!r} twice", key=key)
             workers.append((name, target))
         return tuple(workers)
 
@@ -300,7 +325,8 @@ class _Reader:
         value = self.values.get(key, default)
         if value not in allowed:
             raise self.fail(
-                f"{self.name(key)} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+                f"{self.name(key)} must be one of {', '.join(map(repr, allowed))}, got {value!r}",
+                key=key,
             )
         return str(value)
 
@@ -312,23 +338,25 @@ class _Reader:
             return value  # type: ignore[no-any-return]
         if isinstance(value, str) and "." in value:
             try:
-                target = import_string(value)
+                target = self.importer(value)
             except ImportError as exc:
-                raise self.fail(f"{self.name(key)} = {value!r} cannot be imported: {exc}") from exc
+                raise self.fail(
+                    f"{self.name(key)} = {value!r} cannot be imported: {exc}", key=key
+                ) from exc
             if callable(target):
                 return target  # type: ignore[no-any-return]
-        raise self.fail(f"{self.name(key)} must be {allowed}, got {value!r}")
+        raise self.fail(f"{self.name(key)} must be {allowed}, got {value!r}", key=key)
 
     def flag(self, key: str) -> bool:
         value = self.values.get(key, False)
         if not isinstance(value, bool):
-            raise self.fail(f"{self.name(key)} must be True or False, got {value!r}")
+            raise self.fail(f"{self.name(key)} must be True or False, got {value!r}", key=key)
         return value
 
     def integer(self, key: str, default: int) -> int:
         value = self.values.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise self.fail(f"{self.name(key)} must be an int >= 0, got {value!r}")
+            raise self.fail(f"{self.name(key)} must be an int >= 0, got {value!r}", key=key)
         return value
 
 
@@ -337,39 +365,42 @@ def parse_settings(
     *,
     name: Namer,
     error: Callable[[str], Exception] = ConfigurationError,
+    importer: Optional[Importer] = None,
 ) -> OwnerSettings:
     """Validate ``values`` (canonical keys, see ``KEYS``) into ``OwnerSettings``.
 
     ``name(key)`` spells a setting the way the user wrote it; ``error(message)`` makes the
-    exception raised (``ImproperlyConfigured`` for Django).
+    exception raised (``ImproperlyConfigured`` for Django), with the canonical key of the
+    offending setting in its ``setting`` attribute. ``importer(path)`` imports dotted paths
+    (default: ``import_string``; the frameworks pass their own) and raises ImportError.
     """
-    r = _Reader(values, name, error)
+    r = _Reader(values, name, error, import_string if importer is None else importer)
     redis_value = r.redis()
     key = r.lease_name("KEY", None)
     ttl = r.seconds("TTL", 10.0)
     assert ttl is not None
     renew = r.seconds("RENEW_INTERVAL", None)
-    if renew is not None and not renew < ttl:
-        raise r.fail(
-            f"{name('RENEW_INTERVAL')} must be > 0 and < {name('TTL')} ({ttl:g}), got {renew!r}"
-        )
-    effective_renew = ttl / 3 if renew is None else renew
+    names = TimingNames(
+        ttl=name("TTL"), renew_interval=name("RENEW_INTERVAL"), shutdown=name("SHUTDOWN_TIMEOUT")
+    )
+    try:
+        timing = LeaseTiming.of(ttl, renew, names=names)
+    except TimingError as exc:
+        raise r.fail(str(exc), key="RENEW_INTERVAL") from None
     workers = r.workers()
-    slack = ttl - drift_for(ttl) - effective_renew
     shutdown = r.seconds("SHUTDOWN_TIMEOUT", None, allow_zero=True)
     if shutdown is None:
         # The library's default when it fits the timing rule; otherwise half the time
         # between the first renewal and the lease deadline (small TTLs in tests and demos).
+        slack = timing.slack
         shutdown = (
             DEFAULT_SHUTDOWN_TIMEOUT if slack > DEFAULT_SHUTDOWN_TIMEOUT else round(slack / 2, 3)
         )
-    if workers and not shutdown < slack:
-        raise r.fail(
-            f"{name('RENEW_INTERVAL')} ({effective_renew:g}) + {name('SHUTDOWN_TIMEOUT')} "
-            f"({shutdown:g}) must be < {name('TTL')} - drift ({ttl - drift_for(ttl):g}): "
-            f"workers are told to stop SHUTDOWN_TIMEOUT before the lease deadline, which must "
-            f"come after the first renewal. Lower SHUTDOWN_TIMEOUT or RENEW_INTERVAL, or raise TTL."
-        )
+    if workers:
+        try:
+            timing.with_shutdown_budget(shutdown)
+        except TimingError as exc:
+            raise r.fail(str(exc), key="SHUTDOWN_TIMEOUT") from None
     max_seconds = r.seconds("MAX_SECONDS", 5.0)
     assert max_seconds is not None
     return OwnerSettings(

@@ -26,7 +26,6 @@ Workers run inside an application context of their app.
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional, Union
@@ -34,10 +33,13 @@ from typing import Any, Callable, Optional, Union
 import click
 from flask import Blueprint, Flask, current_app, jsonify, request
 from flask.cli import AppGroup
+from werkzeug.utils import import_string
 
 from mutexowner.contrib._runtime import (
     ProcessOwner,
+    check_report,
     configure_logging,
+    lease_reader,
     lease_report,
     run_foreground,
     status_response,
@@ -49,8 +51,9 @@ from mutexowner.contrib._settings import (
     WorkerTarget,
     parse_settings,
 )
-from mutexowner.owner import MutexOwner, drift_for
+from mutexowner.owner import MutexOwner
 from mutexowner.supervisor import Supervisor
+from mutexowner.timing import LeaseTiming, TimingError, TimingNames
 
 __all__ = [
     "CONFIG_PREFIX",
@@ -103,7 +106,7 @@ def read_config(
                 "use one"
             )
         values["WORKERS"] = list(workers)
-    return parse_settings(values, name=config_name)
+    return parse_settings(values, name=config_name, importer=import_string)
 
 
 class MutexOwnerState:
@@ -241,14 +244,20 @@ class MutexOwnerExtension:
 
 
 def _check_timing(settings: OwnerSettings, supervisor: Supervisor) -> None:
-    renew = settings.effective_renew_interval
-    limit = settings.ttl - drift_for(settings.ttl)
-    if not renew + supervisor.shutdown_timeout < limit:
-        raise ConfigurationError(
-            f"{config_name('RENEW_INTERVAL')} ({renew:g}) + the supervisor's shutdown_timeout "
-            f"({supervisor.shutdown_timeout:g}) must be < {config_name('TTL')} - drift "
-            f"({limit:g}); lower shutdown_timeout or raise TTL"
+    names = TimingNames(
+        ttl=config_name("TTL"),
+        renew_interval=config_name("RENEW_INTERVAL"),
+        shutdown="the supervisor's shutdown_timeout",
+    )
+    try:
+        LeaseTiming.of(
+            settings.ttl,
+            settings.renew_interval,
+            shutdown_budget=supervisor.shutdown_timeout,
+            names=names,
         )
+    except TimingError as exc:
+        raise ConfigurationError(str(exc)) from None
 
 
 def get_state(app: Optional[Flask] = None) -> MutexOwnerState:
@@ -272,13 +281,21 @@ status_blueprint = Blueprint("mutexowner", __name__, url_prefix="/mutexowner")
 
 @status_blueprint.route("/status", methods=["GET"])
 def status() -> Any:
-    """This process's ``owner.status()`` as JSON (never a password or a token).
+    """This process's ``owner.status()`` and the lease as Redis sees it (``"lease"``), as
+    JSON (never a password or a token).
 
-    200 by default; ``?require=holding``: 503 unless this process holds the lease;
-    ``?require=started``: 503 unless this process runs an owner.
+    200 by default; ``?require=host``: 503 unless the holder runs on this host;
+    ``?require=held``: 503 unless some owner holds the lease; ``?require=holding``: 503
+    unless this process holds it; ``?require=started``: 503 unless this process runs an
+    owner (the last two never call Redis).
     """
     state = get_state()
-    body, code = status_response(state.owner, state.settings.key, request.args.get("require"))
+    body, code = status_response(
+        state.owner,
+        state.settings.key,
+        request.args.get("require"),
+        lease_reader(state.settings),
+    )
     response = jsonify(body)
     response.status_code = code
     response.headers["Cache-Control"] = "no-store"
@@ -304,12 +321,16 @@ def run_command(verbose: int) -> None:
 
 
 @cli.command("status")
-def status_command() -> None:
-    """Print who holds the lease in Redis (no token); exit 1 if Redis fails."""
-    sys.exit(lease_report(get_state().settings, sys.stdout))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status_command(as_json: bool) -> None:
+    """Print the lease as Redis sees it (holder, its host, ttl, fencing token; never a
+    token); exit 0 held, 3 free, 2 Redis error (as `mutexowner status`)."""
+    sys.exit(lease_report(get_state().settings, sys.stdout, as_json=as_json))
 
 
 @cli.command("check")
-def check_command() -> None:
-    """Validate the MUTEXOWNER_* config and print it (password hidden)."""
-    click.echo(json.dumps(get_state().settings.describe(), indent=2, sort_keys=True))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def check_command(as_json: bool) -> None:
+    """Print the MUTEXOWNER_* config (password hidden) and test that Redis answers and runs
+    the lease scripts; exit 0 ok, 2 Redis failed."""
+    sys.exit(check_report(get_state().settings, sys.stdout, as_json=as_json))

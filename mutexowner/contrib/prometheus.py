@@ -22,29 +22,49 @@ lease ``key``; any number of owners with different keys can share one registry.
 | ``mutexowner_worker_restarts_total`` | counter (one_for_all restarts) | key |
 | ``mutexowner_workers_stuck_total`` | counter (workers that ignored stopping) | key |
 | ``mutexowner_redis_errors_total`` | counter (failed lease calls) | key, kind |
+| ``mutexowner_last_renewal_timestamp_seconds`` | gauge (Unix time, last confirmation) | key |
+| ``mutexowner_renewal_latency_seconds`` | histogram (round trip of confirmed renewals) | key |
+| ``mutexowner_lease_held`` | gauge (Redis: 1 while any owner holds the lease) | key |
+| ``mutexowner_holder_info`` | gauge, 1 (Redis: the holder) | key, holder, holder_host, |
+| | | fencing_token |
+| ``mutexowner_lease_read_ok`` | gauge (1 when the scrape could read the lease from Redis) | key |
 
-Gauges describe this process only; in a prometheus_client multiprocess setup (gunicorn with
-``PROMETHEUS_MULTIPROC_DIR``) expose them from the process that runs the owner.
+The ``mutexowner_holder_info``, ``mutexowner_lease_held`` and ``mutexowner_lease_read_ok``
+series describe the *fleet*: at scrape time they read the lease as Redis sees it (one
+read-only round trip per key, at most ``lease_timeout`` seconds; ``lease_view=False``
+turns them off). ``holder_info`` is present only while some owner holds the lease; its
+``fencing_token`` label is the exact integer (the ``mutexowner_fencing_token`` gauge is a
+float: exact up to 2**53, which fencing tokens of microsecond timestamps reach in 2255).
+
+The other gauges describe this process only; in a prometheus_client multiprocess setup
+(gunicorn with ``PROMETHEUS_MULTIPROC_DIR``) expose them from the process that runs the
+owner.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import weakref
 from collections.abc import Iterable, Iterator
 from typing import Optional
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from mutexowner import machine
 from mutexowner.errors import MutexOwnerError
 from mutexowner.events import Event
+from mutexowner.inspection import LeaseReader
 from mutexowner.owner import MutexOwner
 
-__all__ = ["LOSS_REASONS", "MutexOwnerMetrics", "instrument"]
+__all__ = ["LATENCY_BUCKETS", "LOSS_REASONS", "MutexOwnerMetrics", "instrument"]
+
+#: Buckets of ``mutexowner_renewal_latency_seconds``: a loopback renewal takes well under
+#: 1 ms, a lease call times out after ``call_timeout`` (at most 1 s by default).
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 #: ``reason`` label values that exist (at 0) as soon as an owner is attached.
 LOSS_REASONS = ("taken", "expired", "stopped", "workers_failed")
@@ -62,11 +82,19 @@ class _Attached:
         self.owner = owner
         self.key = owner.key
         self._metrics = weakref.ref(metrics)
+        self.reader: Optional[LeaseReader] = (
+            _reader_for(owner, metrics.lease_timeout) if metrics.lease_view else None
+        )
 
     def __call__(self, event: Event) -> None:
         metrics = self._metrics()
         if metrics is not None:
             metrics._count(event)
+
+
+def _reader_for(owner: MutexOwner, timeout: float) -> LeaseReader:
+    """A ``LeaseReader`` on the owner's Redis server and key prefix."""
+    return LeaseReader(owner.redis_client, owner.key, prefix=owner.prefix, timeout=timeout)
 
 
 class _Gauges(Collector):
@@ -101,6 +129,21 @@ class _Gauges(Collector):
             "state": GaugeMetricFamily(
                 f"{ns}_state", "1 for the owner's current state", labels=["key", "state"]
             ),
+            "lease_held": GaugeMetricFamily(
+                f"{ns}_lease_held",
+                "Redis: 1 while any owner of the fleet holds the lease",
+                labels=["key"],
+            ),
+            "holder_info": GaugeMetricFamily(
+                f"{ns}_holder_info",
+                "Redis: the owner holding the lease (present only while one does)",
+                labels=["key", "holder", "holder_host", "fencing_token"],
+            ),
+            "read_ok": GaugeMetricFamily(
+                f"{ns}_lease_read_ok",
+                "1 when this scrape could read the lease from Redis",
+                labels=["key"],
+            ),
         }
 
     def describe(self) -> Iterable[Metric]:
@@ -108,11 +151,21 @@ class _Gauges(Collector):
 
     def collect(self) -> Iterable[Metric]:
         families = self._families()
-        for key, owner in self._metrics._snapshot():
+        for key, owner, reader in self._metrics._snapshot():
             try:
                 status = owner.status()
             except MutexOwnerError:  # an owner inherited through fork(): not ours to report
                 continue
+            if reader is not None:
+                view = reader.read()
+                families["read_ok"].add_metric([key], 0.0 if view.error else 1.0)
+                if view.error is None:
+                    families["lease_held"].add_metric([key], 1.0 if view.held else 0.0)
+                if view.held:
+                    token = "" if view.fencing_token is None else str(view.fencing_token)
+                    families["holder_info"].add_metric(
+                        [key, str(view.holder), view.holder_host or "", token], 1.0
+                    )
             families["holding"].add_metric([key], 1.0 if status.holding else 0.0)
             families["lease_remaining"].add_metric([key], status.lease_remaining or 0.0)
             families["fencing_token"].add_metric([key], float(status.fencing_token or 0))
@@ -131,10 +184,19 @@ class MutexOwnerMetrics:
     """
 
     def __init__(
-        self, registry: Optional[CollectorRegistry] = None, *, namespace: str = "mutexowner"
+        self,
+        registry: Optional[CollectorRegistry] = None,
+        *,
+        namespace: str = "mutexowner",
+        lease_view: bool = True,
+        lease_timeout: float = 0.5,
     ) -> None:
         self.registry = registry if registry is not None else REGISTRY
         self.namespace = namespace
+        #: Read the lease from Redis at scrape time (``holder_info``, ``lease_held``).
+        self.lease_view = lease_view
+        #: Socket timeout of that read, seconds.
+        self.lease_timeout = lease_timeout
         self._lock = threading.Lock()
         self._attached: dict[str, _Attached] = {}
         reg = self.registry
@@ -160,6 +222,19 @@ class MutexOwnerMetrics:
             f"{namespace}_redis_errors",
             "Failed lease calls, by error kind",
             ["key", "kind"],
+            registry=reg,
+        )
+        self.last_renewal = Gauge(
+            f"{namespace}_last_renewal_timestamp_seconds",
+            "Unix time of the last confirmed acquisition or renewal of the lease",
+            ["key"],
+            registry=reg,
+        )
+        self.renewal_latency = Histogram(
+            f"{namespace}_renewal_latency_seconds",
+            "Round trip of confirmed renewals, seconds",
+            ["key"],
+            buckets=LATENCY_BUCKETS,
             registry=reg,
         )
         self._gauges = _Gauges(self)
@@ -196,6 +271,7 @@ class MutexOwnerMetrics:
         self.acquisitions.labels(key)
         self.worker_restarts.labels(key)
         self.workers_stuck.labels(key)
+        self.renewal_latency.labels(key)
         for reason in LOSS_REASONS:
             self.losses.labels(key, reason)
         owner.add_listener(attached)
@@ -210,16 +286,23 @@ class MutexOwnerMetrics:
 
     def _remove(self, attached: _Attached) -> None:
         del self._attached[attached.key]
+        if attached.reader is not None:
+            attached.reader.close()
         with contextlib.suppress(ValueError):  # removed behind our back
             attached.owner.remove_listener(attached)
 
-    def _snapshot(self) -> Iterator[tuple[str, MutexOwner]]:
+    def _snapshot(self) -> Iterator[tuple[str, MutexOwner, Optional[LeaseReader]]]:
         with self._lock:
-            items = [(key, a.owner) for key, a in self._attached.items()]
+            items = [(key, a.owner, a.reader) for key, a in self._attached.items()]
         return iter(items)
 
     def _count(self, event: Event) -> None:
         key = event.key
+        if event.kind in ("acquired", "renewed"):
+            self.last_renewal.labels(key).set(time.time())
+            latency = getattr(event, "latency", None)  # the renewal's round trip, if reported
+            if event.kind == "renewed" and isinstance(latency, (int, float)) and latency >= 0:
+                self.renewal_latency.labels(key).observe(float(latency))
         if event.kind == "acquired":
             self.acquisitions.labels(key).inc()
         elif event.kind == "lost":
@@ -233,15 +316,16 @@ class MutexOwnerMetrics:
 
 
 def instrument(
-    owner: MutexOwner, registry: Optional[CollectorRegistry] = None
+    owner: MutexOwner, registry: Optional[CollectorRegistry] = None, *, lease_view: bool = True
 ) -> MutexOwnerMetrics:
     """Attach ``owner`` to the (one) ``MutexOwnerMetrics`` of ``registry`` (default: the
-    default ``REGISTRY``), creating it on first use; returns it."""
+    default ``REGISTRY``), creating it on first use; returns it. ``lease_view`` applies
+    when this call creates the metrics (see ``MutexOwnerMetrics``)."""
     reg = registry if registry is not None else REGISTRY
     with _BY_REGISTRY_LOCK:
         metrics = _BY_REGISTRY.get(reg)
         if metrics is None:
-            metrics = MutexOwnerMetrics(reg)
+            metrics = MutexOwnerMetrics(reg, lease_view=lease_view)
             _BY_REGISTRY[reg] = metrics
     metrics.attach(owner)
     return metrics

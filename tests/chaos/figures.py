@@ -4,7 +4,7 @@ pytest captures ``print()``; these figures must reach CI logs whatever the optio
 record them here and the ``pytest_terminal_summary`` hooks of ``tests/chaos/conftest.py``
 and ``tests/integration/conftest.py`` print one line per test and a summary line. With
 ``MUTEXOWNER_FIGURES=path`` every record is also appended to that file as a JSON line
-(the README's failure-mode table is built from such files:
+(the failure-mode table in docs/safety.md is built from such files:
 ``python -m tests.chaos.figures FILE...`` prints each figure's range over the runs).
 """
 

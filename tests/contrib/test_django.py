@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from mutexowner.inspection import STATUS_ERROR, STATUS_FREE, STATUS_HELD
 from mutexowner.lease import Lease, LeaseKeys, new_token
 from mutexowner.testing import mark_epoch
 from tests.contrib.helpers import (
@@ -47,51 +48,121 @@ def manage(tmp_path: Path, *args: str, name: str = "manage", **env: str) -> tupl
     return proc.popen.returncode, proc.stdout, proc.stderr
 
 
-def test_invalid_settings_stop_every_command_early(tmp_path: Path) -> None:
-    code, out, err = manage(tmp_path, "mutexowner", REDIS_URL=f"http://admin:{SECRET}@cache:6379/0")
-    assert code == 1
+def test_invalid_settings_are_reported_by_the_system_checks(tmp_path: Path) -> None:
+    """A bad setting is a system check error with an ID and a hint: `check` and the
+    commands that run checks report it; `shell` (which skips them) still works."""
+    bad = {"REDIS_URL": f"http://admin:{SECRET}@cache:6379/0"}
+    code, out, err = manage(tmp_path, "check", name="check", **bad)
+    assert code == 1, out + err
+    assert "mutexowner.E003" in err
     assert (
-        'django.core.exceptions.ImproperlyConfigured: MUTEXOWNER["REDIS_URL"] must be a '
-        "redis://, rediss:// or unix:// URL (or a redis.Redis client), got "
-        "'http://admin:***@cache:6379/0'"
+        'MUTEXOWNER["REDIS_URL"] must be a redis://, rediss:// or unix:// URL (or a '
+        "redis.Redis client), got 'http://admin:***@cache:6379/0'"
     ) in err
+    assert 'HINT: Use a URL such as "redis://localhost:6379/0"' in err
+    assert "Traceback" not in err and SECRET not in out + err
+
+    code, out, err = manage(tmp_path, "mutexowner", name="run", **bad)
+    assert code == 1 and "SystemCheckError" in err and "mutexowner.E003" in err
     assert SECRET not in out + err
 
+    code, out, err = manage(tmp_path, "shell", "-c", "print('shell works')", name="shell", **bad)
+    assert (code, out.splitlines()[-1]) == (0, "shell works"), err
 
-def test_check_prints_the_settings_without_password(tmp_path: Path) -> None:
-    url = f"redis://admin:{SECRET}@127.0.0.1:1/3"
-    code, out, err = manage(tmp_path, "mutexowner", "--check", REDIS_URL=url, MUTEXOWNER_TTL="2")
-    assert code == 0, err
-    described = json.loads(out)
-    assert described["redis"] == "redis://admin:***@127.0.0.1:1/3"
+
+def test_check_prints_the_settings_and_tests_redis(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    url = f"redis://admin:{SECRET}@127.0.0.1:{free_port()}/3"
+    code, out, err = manage(
+        tmp_path, "mutexowner", "--check", "--json", REDIS_URL=url, MUTEXOWNER_TTL="2"
+    )
+    assert code == STATUS_ERROR, err
+    document = json.loads(out)
+    described = document["settings"]
+    assert described["redis"].startswith("redis://admin:***@127.0.0.1:")
     assert described["key"] == KEY and described["ttl"] == 2.0
     assert described["workers"] == ["exampleproject.workers.heartbeat"]
     assert described["autostart"] is False and described["stuck_worker_policy"] == "exit"
+    assert document["redis"]["ok"] is False
+    assert document["redis"]["steps"][0]["step"] == "PING"
     assert SECRET not in out + err
+
+    code, out, err = manage(tmp_path, "mutexowner", "--check", REDIS_URL=redis_server.url)
+    assert code == 0, out + err
+    assert "ok   PING: PONG" in out and "ok   inspect script: lease free" in out
+    assert out.rstrip().endswith("redis: ok")
 
 
 def test_status_shows_the_holder(redis_server: RedisServer, tmp_path: Path) -> None:
     code, out, _ = manage(tmp_path, "mutexowner", "--status", REDIS_URL=redis_server.url)
-    assert code == 0
-    assert out.splitlines() == [f"key: {KEY}", f"redis: {redis_server.url}", "holder: (none)"]
+    assert code == STATUS_FREE
+    assert out.splitlines()[0] == (
+        f"lease {KEY!r} (mutexowner:{{{KEY}}}:lease on {redis_server.url}): free"
+    )
 
     mark_epoch(redis_server.client(), KEY)
-    Lease(redis_server.client(), KEY, ttl=30, identity="node-7").acquire(new_token())
+    Lease(redis_server.client(), KEY, ttl=30, identity="node-7:12:ab").acquire(new_token())
     code, out, _ = manage(tmp_path, "mutexowner", "--status", REDIS_URL=redis_server.url)
-    assert code == 0
+    assert code == STATUS_HELD
     lines = out.splitlines()
-    assert lines[2] == "holder: node-7"
-    assert lines[3] == f"fencing_token: {lease_info(redis_server, KEY).fencing_token}"
-    assert lines[4].startswith("ttl_left: ") and lines[4].endswith(" s")
+    assert lines[1] == "  holder           node-7:12:ab"
+    assert lines[2].startswith("  on this host     no (held on node-7; this is ")
+    assert lines[4] == f"  fencing token    {lease_info(redis_server, KEY).fencing_token}"
 
 
-def test_status_fails_with_exit_1_when_redis_is_down(tmp_path: Path) -> None:
+def test_status_fails_with_exit_2_when_redis_is_down(tmp_path: Path) -> None:
     url = f"redis://admin:{SECRET}@127.0.0.1:{free_port()}/0"
     code, out, err = manage(tmp_path, "mutexowner", "--status", REDIS_URL=url)
-    assert code == 1
-    assert out.splitlines()[1] == f"redis: redis://admin:***@127.0.0.1:{url.rsplit(':', 1)[1]}"
-    assert out.splitlines()[-1].startswith("error: ")
+    assert code == STATUS_ERROR
+    assert f"on redis://admin:***@127.0.0.1:{url.rsplit(':', 1)[1]}): error: " in out
     assert SECRET not in out + err
+
+
+STATUS_VIEW_SCRIPT = """
+import json, logging
+from django.test import Client
+records = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        records.append([record.levelname, getattr(record, "status_code", None)])
+logging.getLogger("django.request").addHandler(Keep(logging.DEBUG))
+client = Client()
+answers = {}
+for require in ("", "host", "held", "holding", "nonsense"):
+    response = client.get("/mutexowner/status" + ("?require=" + require if require else ""))
+    answers[require or "none"] = [response.status_code, json.loads(response.content)]
+print(json.dumps({"answers": answers, "records": records}))
+"""
+
+
+def test_status_view_shows_the_holder_and_logs_its_503_at_info(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The web process runs no owner (the workers run under manage.py mutexowner on another
+    node): the view reports the holder from Redis; its 503 answers never reach
+    django.request at ERROR (which mail_admins would mail); other answers are unchanged."""
+    mark_epoch(redis_server.client(), KEY)
+    lease = Lease(redis_server.client(), KEY, ttl=30, identity="node-9:321:cd")
+    fence = lease.acquire(new_token()).fencing_token  # type: ignore[union-attr]
+    code, out, err = manage(
+        tmp_path, "shell", "-c", STATUS_VIEW_SCRIPT, name="view", REDIS_URL=redis_server.url
+    )
+    assert code == 0, err
+    result = json.loads(out.splitlines()[-1])
+    answers = result["answers"]
+    status, body = answers["none"]
+    assert status == 200 and body["state"] == "not_started"
+    assert body["lease"]["holder"] == "node-9:321:cd" and body["lease"]["fencing_token"] == fence
+    assert body["lease"]["held_by_this_host"] is False
+    assert answers["host"][0] == 503 and answers["holding"][0] == 503
+    assert answers["held"][0] == 200 and answers["nonsense"][0] == 400
+    # Three 503s logged at INFO; the 400 stays a WARNING as Django logs it.
+    assert sorted(map(tuple, result["records"])) == [
+        ("INFO", 503),
+        ("INFO", 503),
+        ("WARNING", 400),
+    ]
 
 
 def test_autostart_under_a_preloading_master_starts_only_in_the_forked_worker(
@@ -181,6 +252,12 @@ def test_gunicorn_preload_master_never_holds_the_lease(
         assert f":{master}:" not in str(info.holder)
         # Every process that answered is a worker; none of them is the master.
         assert all(answer["pid"] != master for _, answer in answers)
+        # ?require=holding depends on which worker answers; ?require=host does not: every
+        # worker reads the holder from Redis and finds it on this host.
+        host_url = url.replace("require=holding", "require=host")
+        for _ in range(6):
+            code, seen = _get(host_url)
+            assert code == 200 and seen["lease"]["holder"] == info.holder, seen
         proc.send(signal.SIGTERM)
         assert proc.finish(30) == 0, proc.describe()
     # Released by the worker's exit, not expired: the ttl (5 s) has not run out.

@@ -5,6 +5,8 @@ is in tests/test_examples.py."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,8 @@ from mutexowner.contrib.flask import (
     get_state,
     status_blueprint,
 )
-from mutexowner.lease import Lease
+from mutexowner.inspection import STATUS_ERROR, STATUS_FREE, STATUS_HELD
+from mutexowner.lease import Lease, new_token
 from tests.contrib.helpers import FLASK_PROJECT, heartbeats, seeded_fake_redis
 
 pytestmark = pytest.mark.timeout(60)
@@ -152,13 +155,31 @@ def test_invalid_config_fails_at_init_app(exampleapp: Any, tmp_path: Path) -> No
 def test_cli_check_and_status(exampleapp: Any, apps: list[Flask], tmp_path: Path) -> None:
     app = make_app(exampleapp, apps, tmp_path)
     runner = app.test_cli_runner()
+    result = runner.invoke(args=["mutexowner", "check", "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    described = document["settings"]
+    assert described["key"] == KEY and described["workers"] == ["exampleapp.workers.heartbeat"]
+    assert document["redis"]["ok"] is True
+    steps = [step["step"] for step in document["redis"]["steps"]]
+    assert steps == ["PING", "SCRIPT EXISTS", "inspect script"]
     result = runner.invoke(args=["mutexowner", "check"])
     assert result.exit_code == 0, result.output
-    described = json.loads(result.output)
-    assert described["key"] == KEY and described["workers"] == ["exampleapp.workers.heartbeat"]
+    assert result.output.startswith("settings: valid\n") and "redis: ok" in result.output
+
+    # Same exit codes as `mutexowner status`: 3 free, 0 held.
     result = runner.invoke(args=["mutexowner", "status"])
-    assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[2] == "holder: (none)"
+    assert result.exit_code == STATUS_FREE, result.output
+    assert result.output.startswith(f"lease {KEY!r} (mutexowner:{{{KEY}}}:lease on ")
+    assert ": free" in result.output.splitlines()[0]
+    redis_client = app.config["MUTEXOWNER_REDIS_URL"]
+    host = socket.gethostname()
+    Lease(redis_client, KEY, ttl=30, identity=f"{host}:4242:abc").acquire(new_token())
+    result = runner.invoke(args=["mutexowner", "status", "--json"])
+    assert result.exit_code == STATUS_HELD, result.output
+    view = json.loads(result.output)
+    assert view["holder"] == f"{host}:4242:abc" and view["holder_pid"] == 4242
+    assert view["held_by_this_host"] is True and view["fencing_token"] > 0
 
 
 def test_cli_status_hides_the_password_and_fails_on_redis_errors(tmp_path: Path) -> None:
@@ -170,9 +191,48 @@ def test_cli_status_hides_the_password_and_fails_on_redis_errors(tmp_path: Path)
     )
     MutexOwnerExtension(app)
     result = app.test_cli_runner().invoke(args=["mutexowner", "status"])
-    assert result.exit_code == 1
-    assert "redis: redis://u:***@127.0.0.1:" in result.output and "error: " in result.output
+    assert result.exit_code == STATUS_ERROR
+    assert "redis://u:***@127.0.0.1:" in result.output and "error: " in result.output
     assert "topsecret" not in result.output
+    result = app.test_cli_runner().invoke(args=["mutexowner", "check"])
+    assert result.exit_code == STATUS_ERROR
+    assert "FAIL PING: cannot reach Redis" in result.output and "redis: FAILED" in result.output
+    assert "topsecret" not in result.output
+
+
+def test_status_of_a_process_that_does_not_hold_shows_the_holder(
+    exampleapp: Any, apps: list[Flask], tmp_path: Path
+) -> None:
+    """The web process runs no owner (the workers run under `flask mutexowner run`): its
+    status still shows the holder as Redis sees it, and whether this host runs it."""
+    app = make_app(exampleapp, apps, tmp_path)
+    client = app.test_client()
+    body = client.get("/mutexowner/status").get_json()
+    assert body["state"] == "not_started" and body["lease"]["held"] is False
+    assert client.get("/mutexowner/status?require=held").status_code == 503
+    assert client.get("/mutexowner/status?require=host").status_code == 503
+
+    redis_client = app.config["MUTEXOWNER_REDIS_URL"]
+    lease = Lease(redis_client, KEY, ttl=30, identity="elsewhere:77:beef")
+    fence = lease.acquire(new_token()).fencing_token  # type: ignore[union-attr]
+    response = client.get("/mutexowner/status")
+    assert response.status_code == 200
+    seen = response.get_json()["lease"]
+    assert seen["holder"] == "elsewhere:77:beef" and seen["holder_host"] == "elsewhere"
+    assert seen["fencing_token"] == fence and 29 < seen["ttl_left"] <= 30
+    assert seen["held_by_this_host"] is False and seen["host"] == socket.gethostname()
+    assert client.get("/mutexowner/status?require=held").status_code == 200
+    assert client.get("/mutexowner/status?require=host").status_code == 503
+    assert client.get("/mutexowner/status?require=holding").status_code == 503
+
+    # Another process of this host holds it: the host check passes, the process check not.
+    redis_client.delete(lease.keys.lease)
+    here = f"{socket.gethostname()}:{os.getpid() + 1}:cafe"
+    Lease(redis_client, KEY, ttl=30, identity=here).acquire(new_token())
+    response = client.get("/mutexowner/status?require=host")
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["lease"]["held_by_this_host"] is True
+    assert client.get("/mutexowner/status?require=holding").status_code == 503
 
 
 # -- supervisor= and workers= ------------------------------------------------------------------

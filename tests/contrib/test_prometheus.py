@@ -7,6 +7,7 @@ registry.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Optional
 
 import pytest
@@ -249,3 +250,85 @@ def test_prometheus_setting_instruments_owners_built_from_settings() -> None:
     finally:
         instrument(owner).detach(owner)  # the same metrics object: attach is idempotent
     assert REGISTRY.get_sample_value("mutexowner_holding", {"key": "from-settings"}) is None
+
+
+# -- the fleet as Redis sees it, renewals ------------------------------------------------------
+
+
+def test_a_standby_reports_the_holder_from_redis_with_an_exact_fencing_token() -> None:
+    registry = CollectorRegistry()
+    client = seeded_fake_redis("job")
+    holder, dh = make(client, identity="web-1:101:aa")
+    standby, ds = make(client, identity="web-2:202:bb", clock=dh.clock)
+    instrument(standby, registry)  # only the standby is instrumented here
+    assert value(registry, "mutexowner_lease_held", key="job") == 0.0
+    assert value(registry, "mutexowner_lease_read_ok", key="job") == 1.0
+    assert "mutexowner_holder_info{" not in generate_latest(registry).decode()
+
+    assert dh.run_until(lambda: holder.holding)
+    ds.step()
+    assert standby.state == "acquiring"
+    token = holder.fencing_token
+    assert token is not None and token > 2**50  # a microsecond timestamp
+    labels = {"key": "job", "holder": "web-1:101:aa", "holder_host": "web-1"}
+    assert value(registry, "mutexowner_holder_info", **labels, fencing_token=str(token)) == 1.0
+    assert value(registry, "mutexowner_lease_held", key="job") == 1.0
+    assert value(registry, "mutexowner_holding", key="job") == 0.0  # this process: no
+    text = generate_latest(registry).decode()
+    assert f'fencing_token="{token}"' in text  # the exact integer, not 1.7e+15
+
+    server = client.connection_pool.connection_kwargs["server"]
+    server.connected = False
+    assert value(registry, "mutexowner_lease_read_ok", key="job") == 0.0
+    assert value(registry, "mutexowner_lease_held", key="job") is None  # unknown: absent
+    server.connected = True
+    ds.stop()
+    dh.stop()
+
+
+def test_lease_view_can_be_turned_off() -> None:
+    registry = CollectorRegistry()
+    owner, driver = make()
+    MutexOwnerMetrics(registry, lease_view=False).attach(owner)
+    assert driver.run_until(lambda: owner.holding)
+    text = generate_latest(registry).decode()
+    assert "mutexowner_lease_read_ok{" not in text and "mutexowner_holder_info{" not in text
+    driver.stop()
+
+
+def test_last_renewal_time_and_renewal_latency() -> None:
+    registry = CollectorRegistry()
+    owner, driver = make()
+    metrics = instrument(owner, registry, lease_view=False)
+    assert value(registry, "mutexowner_last_renewal_timestamp_seconds", key="job") is None
+    before = time.time()
+    assert driver.run_until(lambda: owner.holding)
+    confirmed = value(registry, "mutexowner_last_renewal_timestamp_seconds", key="job")
+    assert confirmed is not None and before <= confirmed <= time.time()
+    assert value(registry, "mutexowner_renewal_latency_seconds_count", key="job") == 0.0
+
+    # The owner reports each renewal's round trip: make the next reply take 3 ms.
+    real_renew = owner._lease.renew
+
+    def slow_renew(token: str, fence: int) -> Any:
+        result = real_renew(token, fence)
+        driver.clock.advance(0.003)
+        return result
+
+    owner._lease.renew = slow_renew  # type: ignore[method-assign]
+    assert driver.run_until(
+        lambda: value(registry, "mutexowner_renewal_latency_seconds_count", key="job") == 1.0
+    )
+    owner._lease.renew = real_renew  # type: ignore[method-assign]
+    base = dict(key="job", identity="A", state="holding", time=0.0)
+    for latency in (0.0004, 0.2):
+        metrics._count(Event(kind="renewed", latency=latency, **base))  # type: ignore[arg-type]
+    metrics._count(Event(kind="renewed", **base))  # type: ignore[arg-type]  # no latency: not observed
+    assert value(registry, "mutexowner_renewal_latency_seconds_count", key="job") == 3.0
+    assert (
+        value(registry, "mutexowner_renewal_latency_seconds_bucket", key="job", le="0.005") == 2.0
+    )
+    assert value(registry, "mutexowner_renewal_latency_seconds_sum", key="job") == pytest.approx(
+        0.2034
+    )
+    driver.stop()

@@ -7,6 +7,7 @@ import io
 import logging
 import os
 import signal
+import socket
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -17,7 +18,8 @@ import pytest
 
 from mutexowner import MutexOwner, Supervisor
 from mutexowner.contrib._runtime import ProcessOwner, run_foreground, status_response
-from mutexowner.lease import Lease
+from mutexowner.inspection import LeaseReader
+from mutexowner.lease import Lease, new_token
 from tests.contrib.helpers import PYTHON, REPO, child_env, running, seeded_fake_redis
 
 pytestmark = pytest.mark.timeout(60)
@@ -97,8 +99,38 @@ def test_status_response_without_owner() -> None:
     assert status_response(None, "jobs", "started")[1] == 503
     body, code = status_response(None, "jobs", "leader")
     assert code == 400 and body == {
-        "error": "require must be one of holding, started, got 'leader'"
+        "error": "require must be one of host, held, holding, started, got 'leader'"
     }
+    # Without a lease reader nobody can tell who holds the lease: the Redis checks fail.
+    assert status_response(None, "jobs", "host")[1] == 503
+    assert status_response(None, "jobs", "held")[1] == 503
+
+
+def test_status_response_reads_redis_except_for_the_local_checks() -> None:
+    """?require=holding/started (liveness) never wait for Redis; the others show the lease
+    as Redis sees it and answer 503 while Redis cannot be read."""
+    import fakeredis
+
+    server = fakeredis.FakeServer()
+    client = seeded_fake_redis("jobs")
+    reader = LeaseReader(fakeredis.FakeRedis(server=server), "jobs")
+    server.connected = False
+    for require in ("holding", "started"):
+        body, code = status_response(None, "jobs", require, reader)
+        assert code == 503 and "lease" not in body
+    body, code = status_response(None, "jobs", None, reader)
+    assert code == 200 and body["lease"]["error_kind"] == "connection"
+    assert status_response(None, "jobs", "held", reader)[1] == 503
+    assert status_response(None, "jobs", "host", reader)[1] == 503
+
+    reader = LeaseReader(client, "jobs")
+    body, code = status_response(None, "jobs", None, reader)
+    assert code == 200 and body["lease"]["held"] is False
+    here = f"{socket.gethostname()}:1:x"
+    Lease(client, "jobs", ttl=30.0, identity=here).acquire(new_token())
+    body, code = status_response(None, "jobs", "host", reader)
+    assert code == 200 and body["lease"]["holder"] == here
+    assert status_response(None, "jobs", "held", reader)[1] == 200
 
 
 def test_status_response_of_a_holding_owner(factory: Factory) -> None:

@@ -197,8 +197,8 @@ def test_setting_must_be_a_dict() -> None:
         ),
         (
             django(WORKERS=[sample_worker, f"{__name__}.missing"]),
-            f"MUTEXOWNER[\"WORKERS\"][1] = '{__name__}.missing' cannot be imported: module "
-            f"'{__name__}' has no attribute 'missing'",
+            f"MUTEXOWNER[\"WORKERS\"][1] = '{__name__}.missing' cannot be imported: Module "
+            f'"{__name__}" does not define a "missing" attribute/class',  # Django's import_string
         ),
         (django(WORKERS=["nodots"]), "MUTEXOWNER[\"WORKERS\"][0] = 'nodots' cannot be imported"),
         (
@@ -360,3 +360,68 @@ def test_import_string_forms() -> None:
     for bad in ("", "nodots", "os.", ".x", f"{__name__}.nope"):
         with pytest.raises(ImportError):
             import_string(bad)
+
+
+def test_each_framework_imports_with_its_own_helper() -> None:
+    """Django's ``import_string`` (dotted only) and werkzeug's (dotted or ``module:attr``)."""
+    base = {"MUTEXOWNER_REDIS_URL": URL, "MUTEXOWNER_KEY": "k"}
+    colon = f"{__name__}:sample_worker"
+    flask_settings = read_config({**base, "MUTEXOWNER_WORKERS": [colon]})
+    assert flask_settings.workers == ((colon, sample_worker),)
+    with pytest.raises(ConfigurationError, match=r"cannot be imported: import_string\(\)"):
+        read_config({**base, "MUTEXOWNER_WORKERS": [f"{__name__}.missing"]})  # werkzeug's words
+    assert "does not define" in django_error(django(WORKERS=[f"{__name__}.missing"]))
+
+
+@pytest.mark.parametrize(
+    ("settings", "setting"),
+    [
+        (django(TTL=-1), "TTL"),
+        (django(KEY=None), "KEY"),
+        (django(WORKERS=["no_such_module_xyz.run"]), "WORKERS"),
+        (django(RENEW_INTERVAL=20), "RENEW_INTERVAL"),
+        (django(WORKERS=[sample_worker], SUPERVISOR={"SHUTDOWN_TIMEOUT": 9}), "SHUTDOWN_TIMEOUT"),
+        (django(REDIS_URL="http://x"), "REDIS_URL"),
+    ],
+)
+def test_an_invalid_setting_error_names_its_key(settings: dict[str, Any], setting: str) -> None:
+    with pytest.raises(ImproperlyConfigured) as info:
+        read_settings(settings)
+    assert getattr(info.value, "setting", None) == setting
+
+
+# -- Django system checks (no configured Django needed) ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "check_id", "hint"),
+    [
+        (None, "mutexowner.E001", "Add to settings.py: MUTEXOWNER = {"),
+        ([1], "mutexowner.E002", "keys are upper case"),
+        (django(ttl=3), "mutexowner.E002", "keys are upper case"),
+        (django(SUPERVISOR={"RESTARTS": 1}), "mutexowner.E002", "keys are upper case"),
+        (django(REDIS_URL=f"http://u:{SECRET}@h"), "mutexowner.E003", "Use a URL such as"),
+        (django(KEY="a{b}"), "mutexowner.E004", "the same on every node"),
+        (django(IDENTITY=""), "mutexowner.E004", "Leave IDENTITY unset"),
+        (django(TTL=0), "mutexowner.E005", "lease's length in seconds"),
+        (
+            django(TTL=3, WORKERS=[sample_worker], SUPERVISOR={"SHUTDOWN_TIMEOUT": 3}),
+            "mutexowner.E005",
+            "RENEW_INTERVAL + SUPERVISOR.SHUTDOWN_TIMEOUT < TTL - drift",
+        ),
+        (django(WORKERS=["no_such_module_xyz.run"]), "mutexowner.E006", "list of dotted paths"),
+        (django(OUTAGE="ignore"), "mutexowner.E007", '"step_down" (default, safe)'),
+    ],
+)
+def test_django_system_check_ids_and_hints(value: object, check_id: str, hint: str) -> None:
+    from mutexowner.contrib.django.checks import setting_errors
+
+    (error,) = setting_errors(value)
+    assert error.id == check_id and hint in error.hint
+    assert error.is_serious() and SECRET not in error.msg
+
+
+def test_valid_django_settings_pass_the_checks() -> None:
+    from mutexowner.contrib.django.checks import setting_errors
+
+    assert setting_errors(django(WORKERS=[f"{__name__}.sample_worker"])) == []

@@ -7,12 +7,16 @@ takes over within milliseconds) and exits 0.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from mutexowner.contrib._runtime import configure_logging, lease_report, run_foreground
+from mutexowner.contrib._runtime import (
+    check_report,
+    configure_logging,
+    lease_report,
+    run_foreground,
+)
 from mutexowner.contrib.django import _holder
 from mutexowner.contrib.django.conf import get_settings
 
@@ -27,21 +31,29 @@ class Command(BaseCommand):  # type: ignore[misc]  # Django ships no type hints
         parser.add_argument(
             "--check",
             action="store_true",
-            help="validate settings.MUTEXOWNER, print it (password hidden) and exit",
+            help="print settings.MUTEXOWNER (password hidden), test that Redis answers and "
+            "runs the lease scripts (PING, SCRIPT EXISTS, a read-only script) and exit: 0 ok, "
+            "2 Redis failed",
         )
         parser.add_argument(
             "--status",
             action="store_true",
-            help="print who holds the lease in Redis (no token) and exit; 1 if Redis fails",
+            help="print the lease as Redis sees it (holder, its host, ttl, fencing token; "
+            "never a token) and exit 0 held, 3 free, 2 Redis error (as `mutexowner status`)",
+        )
+        parser.add_argument(
+            "--json", action="store_true", help="with --status or --check: print JSON"
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
         settings = get_settings()
         if options["check"]:
-            self.stdout.write(json.dumps(settings.describe(), indent=2, sort_keys=True))
+            code = check_report(settings, self.stdout, as_json=options["json"])
+            if code:
+                raise SystemExit(code)
             return
         if options["status"]:
-            code = lease_report(settings, self.stdout)
+            code = lease_report(settings, self.stdout, as_json=options["json"])
             if code:
                 raise SystemExit(code)
             return
