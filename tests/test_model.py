@@ -16,13 +16,16 @@ the protocol claims to survive:
   which the acquire script reads from ``INFO server`` (fakeredis has no ``INFO``; the test
   adds one, see ``fake_info_command``);
 - the lease key deleted by hand, a ``crash`` (kill -9) of an owner, the clock jumping ahead
-  while no owner runs (a pause of the whole fleet).
+  while no owner runs (a pause of the whole fleet);
+- user code (listener, ``on_acquired``, ``on_lost``, ``stuck_worker_policy``) raising
+  ``RuntimeError``, ``SystemExit`` or ``KeyboardInterrupt``; workers that ignore ``stopping``.
 
 After every turn of every owner the model checks:
 
-1. no two owners are ``holding`` at the same fake instant (an owner that held when the key
-   was deleted by hand is exempt for that holding period: deleting a key by hand breaks
-   exclusivity by definition, and the fencing token is what protects then);
+1. no two owners are ``holding`` at the same fake instant, and no two owners' workers run
+   without having been told to stop (an owner that held when the key was deleted by hand
+   is exempt for that holding period: deleting a key by hand breaks exclusivity by
+   definition, and the fencing token is what protects then);
 2. an owner that is ``holding`` has its token in Redis, with a Redis expiry no earlier than
    its local deadline, unless Redis lost the key (restart, delete) after the owner sent the
    renewal that set that deadline;
@@ -688,6 +691,20 @@ class LeaseModel(RuleBasedStateMachine):
                 "two holders",
                 f"two holders at t={now:.3f}: "
                 + ", ".join(f"O{p.index} (fence {p.owner._fence})" for p in counted),
+            )
+        # 1b. ... and no two owners' workers run at once unless told to stop (never two runners)
+        runners = [
+            p
+            for p in self.parties
+            if p.supervisor is not None
+            and (p.index, p.periods) not in self.exempt
+            and any(not r.done and not r.ctx.stopping.is_set() for r in p.supervisor._runs)
+        ]
+        if len(runners) > 1:
+            self._violation(
+                "two runners",
+                f"workers of {', '.join(f'O{p.index}' for p in runners)} run at t={now:.3f}, "
+                "none of them told to stop",
             )
         for party in self.parties:
             owner = party.owner
