@@ -567,6 +567,10 @@ class LeaseModel(RuleBasedStateMachine):
         else:
             party.workers_free.set()
             party.driver.settle_timeout = 5.0
+            if party.stop_requested_at is not None:
+                # While the lease is held, a stop waits for stuck workers (renewing, so
+                # that no second runner can start): the stop's time bound starts now.
+                party.stop_requested_at = self.clock()
 
     # -- rules: Redis -----------------------------------------------------------------------
 
@@ -735,6 +739,7 @@ class LeaseModel(RuleBasedStateMachine):
             if (
                 party.live
                 and party.stop_requested_at is not None
+                and party.workers_free.is_set()
                 and now > party.stop_requested_at + STOP_BOUND
             ):
                 self._violation(
@@ -780,8 +785,8 @@ class LeaseModel(RuleBasedStateMachine):
                 self.fault_free()
                 for party in self.parties:
                     party.raises = None
-                    party.workers_free.set()
-                    party.driver.settle_timeout = 5.0
+                    if not party.workers_free.is_set():
+                        self.workers_stuck(party.index, stuck=False)
                 self._run_for(STOP_BOUND + 0.1)
                 stuck = [p.index for p in self.parties if p.live]
                 if stuck:
