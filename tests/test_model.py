@@ -227,7 +227,6 @@ class Party:
     fault: Optional[Fault] = None
     crashed: bool = False
     stop_requested_at: Optional[float] = None
-    final_checked: bool = False
     #: A request of this owner reached Redis after its stop completed (network delay).
     late_write_after_stop: bool = False
     periods: int = 0  # holding periods begun ("acquired" events)
@@ -278,7 +277,6 @@ class LeaseModel(RuleBasedStateMachine):
         self.exempt: set[tuple[int, int]] = set()
         #: (party index, fencing token) of every holding period, in order.
         self.holders: list[tuple[int, int]] = []
-        self.log: list[str] = []
         self.failed = False  # an invariant failed: teardown only cleans up
         self.tolerated: set[str] = set()  # tags of known_unfixed violations seen
         self.pending: list[Violation] = []  # violations found, first one first
@@ -320,7 +318,6 @@ class LeaseModel(RuleBasedStateMachine):
             lease = owner._lease
             lease._run = self._link(party, lease, lease._run)  # type: ignore[method-assign]
             self.parties.append(party)
-        self.log.append(f"owners: {['sup' if s else 'bare' for s in supervised]}")
 
     def _worker(self, index: int) -> Callable[[WorkerContext], None]:
         def work(ctx: WorkerContext) -> None:
@@ -463,19 +460,16 @@ class LeaseModel(RuleBasedStateMachine):
     def turn(self, index: int) -> None:
         """One owner takes a turn at the current fake time."""
         party = self._party(index)
-        self.log.append(f"turn O{party.index}")
         self._tick(party)
 
     @rule(seconds=st.sampled_from([0.1, 0.34, RENEW, TTL / 2, TTL, 2 * TTL]))
     def run_for(self, seconds: float) -> None:
         """Time passes; every owner acts whenever it is due."""
-        self.log.append(f"run_for {seconds}")
         self._run_for(seconds)
 
     @rule(seconds=st.sampled_from([0.5, TTL - 0.1, TTL + 0.1, 2 * TTL]))
     def clock_jump(self, seconds: float) -> None:
         """The clock moves while no owner runs (the whole fleet paused, or a slow host)."""
-        self.log.append(f"clock_jump {seconds}")
         self._advance(seconds)
         for party in self.parties:  # an owner that does not run cannot complete its stop
             if party.stop_requested_at is not None:
@@ -490,7 +484,6 @@ class LeaseModel(RuleBasedStateMachine):
         self.first = faults
         for party in self.parties:
             party.fault = faults[party.index]
-        self.log.append(f"first faults {faults}")
 
     @rule(
         index=st.integers(0, 2),
@@ -501,19 +494,16 @@ class LeaseModel(RuleBasedStateMachine):
     def arm_fault(self, index: int, kind: str, delay: float, stop_midway: bool) -> None:
         party = self._party(index)
         party.fault = Fault(kind, delay, stop_midway)
-        self.log.append(f"arm O{party.index} {kind} delay={delay} stop_midway={stop_midway}")
 
     @rule(index=st.integers(0, 2))
     def stop_midway(self, index: int) -> None:
         """stop() is called while the owner's next call is in flight (no other fault)."""
         party = self._party(index)
         party.fault = Fault(None, 0.0, True)
-        self.log.append(f"arm O{party.index} stop_midway")
 
     @rule()
     def deliver_delayed_requests(self) -> None:
         """Requests delayed in the network reach Redis now (their callers gave up long ago)."""
-        self.log.append(f"deliver {len(self.delayed)} delayed request(s)")
         delayed, self.delayed = self.delayed, []
         for party, real, script, keys, args in delayed:
             if self.clock() < self.down_until:
@@ -530,7 +520,6 @@ class LeaseModel(RuleBasedStateMachine):
     def stop(self, index: int) -> None:
         """stop() is requested between two turns."""
         party = self._party(index)
-        self.log.append(f"stop O{party.index}")
         party.owner.stop()
         self._check()
 
@@ -540,7 +529,6 @@ class LeaseModel(RuleBasedStateMachine):
         party = self._party(index)
         if party.crashed or party.owner._final:
             return
-        self.log.append(f"crash O{party.index}")
         crash(party.owner)
         party.crashed = True
         self._check()
@@ -553,14 +541,12 @@ class LeaseModel(RuleBasedStateMachine):
         """From now on the owner's listener, on_acquired, on_lost and stuck_worker_policy
         raise ``exc`` (None: they return normally again)."""
         party = self._party(index)
-        self.log.append(f"user code of O{party.index} raises {exc}")
         party.raises = exc
 
     @rule(index=st.integers(0, 2), stuck=st.booleans())
     def workers_stuck(self, index: int, stuck: bool) -> None:
         """The owner's workers ignore ``stopping`` from now on (or obey it again)."""
         party = self._party(index)
-        self.log.append(f"workers of O{party.index} stuck={stuck}")
         if stuck:
             party.workers_free.clear()
             party.driver.settle_timeout = 0.02  # nothing to wait for: they will not stop
@@ -577,25 +563,21 @@ class LeaseModel(RuleBasedStateMachine):
     @rule(seconds=st.sampled_from([0.5, RENEW, TTL]))
     def redis_down(self, seconds: float) -> None:
         """Connections are refused for a while (the server process is down)."""
-        self.log.append(f"redis_down {seconds}")
         self.down_until = max(self.down_until, self.clock() + seconds)
 
     @rule(seconds=st.sampled_from([0.5, RENEW, TTL, 2 * TTL]))
     def redis_pause(self, seconds: float) -> None:
         """Every call times out for a while (CLIENT PAUSE, SIGSTOP, a frozen network)."""
-        self.log.append(f"redis_pause {seconds}")
         self.paused_until = max(self.paused_until, self.clock() + seconds)
 
     @rule()
     def take_snapshot(self) -> None:
         """Redis writes a snapshot (RDB) that a later restart may load."""
-        self.log.append("snapshot")
         self.snapshot = self._dump()
 
     @rule(data=st.sampled_from(["kept", "snapshot", "lost"]), down=st.sampled_from([0.0, 0.5]))
     def redis_restart(self, data: str, down: float) -> None:
         """Redis restarts (new run_id, no scripts): with its data, from a snapshot, or empty."""
-        self.log.append(f"redis_restart data={data} down={down}")
         if data != "kept":
             self.last_loss = self.clock()
             self.redis.flushall()
@@ -610,7 +592,6 @@ class LeaseModel(RuleBasedStateMachine):
     @rule()
     def delete_key(self) -> None:
         """Someone deletes the lease key by hand."""
-        self.log.append("delete_key")
         if self.redis.delete(KEYS.lease):
             self.last_loss = self.clock()
             for party in self.parties:
