@@ -265,7 +265,12 @@ class LeaseModel(RuleBasedStateMachine):
         self._run_ids = 0
         self._new_run_id()
         self.redis = fakeredis.FakeRedis(server=self.server)
-        mark_epoch(self.redis, NAME)  # Redis kept its state for long: no first lock-delay
+        # Redis kept its state for long (no first lock-delay), and the epoch knows this
+        # server's run_id, as the acquire script records it (mark_epoch leaves it empty:
+        # a restart from a snapshot of such an epoch would go unnoticed, as documented for
+        # an ACL that refuses INFO).
+        mark_epoch(self.redis, NAME)
+        self.redis.hset(KEYS.epoch, "run_id", self.server.model_run_id)  # type: ignore[attr-defined]
         self.parties: list[Party] = []
         self.down_until = -math.inf  # connection refused until then
         self.paused_until = -math.inf  # every call times out until then
