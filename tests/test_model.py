@@ -57,7 +57,7 @@ import os
 import random
 import threading
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -381,29 +381,29 @@ class LeaseModel(RuleBasedStateMachine):
             if now < self.down_until:
                 raise _classified(redis.exceptions.ConnectionError("Connection refused"))
             if now < self.paused_until:
-                self._advance(owner.call_timeout)
+                self._advance(owner.call_timeout, self._others(party))
                 raise _classified(redis.exceptions.TimeoutError("Timeout reading from socket"))
             kind = fault.kind if fault is not None else None
             if kind is None:
                 return real(script, keys=keys, args=args)
             assert fault is not None
             if kind == "lost_request":
-                self._advance(owner.call_timeout)
+                self._advance(owner.call_timeout, self._others(party))
                 raise _classified(redis.exceptions.TimeoutError("Timeout reading from socket"))
             if kind == "lost_reply":
                 real(script, keys=keys, args=args)
-                self._advance(owner.call_timeout)
+                self._advance(owner.call_timeout, self._others(party))
                 raise _classified(redis.exceptions.TimeoutError("Timeout reading from socket"))
             if kind == "late_reply":
                 reply = real(script, keys=keys, args=args)
-                self._advance(fault.delay)
+                self._advance(fault.delay, self._others(party))
                 return reply
             if kind == "late_request":
-                self._advance(fault.delay)
+                self._advance(fault.delay, self._others(party))
                 return real(script, keys=keys, args=args)
             if kind == "delayed_request":
                 self.delayed.append((party, real, script, keys, args))
-                self._advance(owner.call_timeout)
+                self._advance(owner.call_timeout, self._others(party))
                 raise _classified(redis.exceptions.TimeoutError("Timeout reading from socket"))
             raise AssertionError(f"unknown fault {kind!r}")
 
@@ -411,7 +411,10 @@ class LeaseModel(RuleBasedStateMachine):
 
     # -- stepping ---------------------------------------------------------------------------
 
-    def _advance(self, seconds: float) -> None:
+    def _others(self, party: Party) -> list[Party]:
+        return [p for p in self.parties if p is not party]
+
+    def _advance(self, seconds: float, stalled: Sequence[Party] = ()) -> None:
         """Move fake time, once every worker thread has caught up with the time it is now.
 
         Worker threads and supervisor monitors are real threads: before time jumps, workers
@@ -422,6 +425,12 @@ class LeaseModel(RuleBasedStateMachine):
         self._settle_all()
         self.clock.advance(seconds)
         self._settle_all()
+        for party in stalled:
+            if party.stop_requested_at is not None:
+                # Time spent inside another owner's call (or a clock jump): this owner,
+                # which would run meanwhile in a real fleet, had no turn. Its stop's time
+                # bound waits.
+                party.stop_requested_at += seconds
 
     def _settle_all(self) -> None:
         for party in self.parties:
@@ -482,10 +491,7 @@ class LeaseModel(RuleBasedStateMachine):
     @rule(seconds=st.sampled_from([0.5, TTL - 0.1, TTL + 0.1, 2 * TTL]))
     def clock_jump(self, seconds: float) -> None:
         """The clock moves while no owner runs (the whole fleet paused, or a slow host)."""
-        self._advance(seconds)
-        for party in self.parties:  # an owner that does not run cannot complete its stop
-            if party.stop_requested_at is not None:
-                party.stop_requested_at += seconds
+        self._advance(seconds, self.parties)
         self._check()
 
     # -- rules: faults on one owner's next call -------------------------------------------
