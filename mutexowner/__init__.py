@@ -15,6 +15,7 @@ from mutexowner.errors import (
 )
 from mutexowner.events import Event
 from mutexowner.lease import LeaseInfo
+from mutexowner.once import RunOnceResult, once_job, run_once
 from mutexowner.owner import MutexOwner, OwnerStatus
 from mutexowner.supervisor import Supervisor, WorkerContext
 
@@ -33,7 +34,10 @@ __all__ = [
     "OwnerStoppedError",
     "RedisFatalError",
     "RedisTransientError",
+    "RunOnceResult",
     "Supervisor",
     "WorkerContext",
     "__version__",
+    "once_job",
+    "run_once",
 ]

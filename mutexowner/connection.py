@@ -26,6 +26,7 @@ RedisLike = Union[redis.Redis, str]
 _URL_SCHEMES = ("redis://", "rediss://", "unix://")
 # Greedy up to the last "@" of the URL, so a password containing "@" or "/" is covered too.
 _PASSWORD_IN_TEXT = re.compile(r"(?P<scheme>\b(?:rediss?|unix)://)(?P<user>[^:@/\s]*):\S*@")
+_QUERY_PASSWORD_IN_TEXT = re.compile(r"(?i)(?P<name>[?&]password=)[^&\s'\"]*")
 
 
 def redact_url(url: str) -> str:
@@ -43,12 +44,19 @@ def redact_url(url: str) -> str:
         user, sep, _password = userinfo.partition(":")
         netloc = f"{user}:***@{hostinfo}" if sep else f"{userinfo}@{hostinfo}"
     query = re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    redacted = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    if "@" in redacted and "@" not in netloc:
+        # Not a URL urlsplit understands ("redis//u:pw@host", "redis:/pw@host"): whatever
+        # stands before the last "@" may be a password.
+        return "***@" + redacted.rpartition("@")[2]
+    return redacted
 
 
 def redact_text(text: str) -> str:
-    """Redact passwords of any Redis URL embedded in free text (error messages, reprs)."""
-    return _PASSWORD_IN_TEXT.sub(r"\g<scheme>\g<user>:***@", text)
+    """Redact passwords of any Redis URL embedded in free text (error messages, reprs),
+    in the user-info part and in a ``?password=`` / ``&password=`` query parameter."""
+    text = _PASSWORD_IN_TEXT.sub(r"\g<scheme>\g<user>:***@", text)
+    return _QUERY_PASSWORD_IN_TEXT.sub(r"\g<name>***", text)
 
 
 def client_from(redis_or_url: object, *, parameter: str = "redis") -> redis.Redis:

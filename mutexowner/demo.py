@@ -30,6 +30,7 @@ from mutexowner.lease import LeaseKeys
 from mutexowner.owner import MutexOwner
 from mutexowner.supervisor import Supervisor, WorkerContext
 from mutexowner.testing import crash, fake_redis
+from mutexowner.timing import LeaseTiming
 
 __all__ = [
     "DEFAULT_SECONDS",
@@ -531,7 +532,8 @@ def run_demo(
         f"{name!r} on {where}"
     )
     tl.header(
-        f"ttl {plan.ttl:g} s (renewed every {plan.ttl / 3:.2g} s), seed {seed}, at most "
+        f"ttl {plan.ttl:g} s (renewed every {LeaseTiming.of(plan.ttl).renew_interval:.2g} s), "
+        f"seed {seed}, at most "
         f"{plan.seconds:g} s; scenario: start, holder crash, clean hand-off, "
         + ("Redis outage, stop" if fake_server is not None else "stop (no outage: real server)")
     )

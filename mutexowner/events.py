@@ -11,17 +11,17 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
-__all__ = ["Event", "EventDispatcher", "Listener"]
+__all__ = ["Event", "EventDispatcher", "EventKind", "Listener"]
 
 log = logging.getLogger("mutexowner.events")
 
 #: Event kinds, in the order they typically occur.
-KINDS = (
+EventKind = Literal[
     "state",  # every state change: previous_state -> state
     "acquired",  # holding began (fencing_token set)
-    "renewed",  # a renewal was confirmed
+    "renewed",  # a renewal was confirmed (latency: its round trip)
     "suspended",  # a renewal failed with a transient error while holding
     "lost",  # holding ended; reason: taken | expired | stopped | workers_failed
     "error",  # a Redis call failed; error and error_kind set
@@ -29,14 +29,14 @@ KINDS = (
     "workers_stuck",  # a worker ignored stopping past shutdown_timeout
     "stuck_policy",  # the lease was lost while a worker still ran: stuck_worker_policy applied
     "released",  # the lease was released in Redis
-)
+]
 
 
 @dataclass(frozen=True)
 class Event:
     """One thing that happened to an owner, delivered to listeners in order."""
 
-    kind: str
+    kind: EventKind
     key: str
     identity: str
     state: str

@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import redis
 
+from mutexowner.acl import check_permissions
 from mutexowner.connection import client_from, derive_lease_client, describe_client, redact_text
 from mutexowner.errors import LeaseError
 from mutexowner.lease import (
@@ -291,42 +292,67 @@ class RedisCheck:
 
 
 def check_redis(reader: LeaseReader) -> RedisCheck:
-    """Test that Redis answers and that the lease scripts can run: PING, SCRIPT EXISTS for
-    the lease's scripts (loaded or not, both are fine: the owner loads them), and one
-    read-only ``inspect`` call. Stops at the first failure; never raises."""
+    """Test that Redis answers and that the lease can work: PING, SCRIPT EXISTS for the
+    lease's scripts (loaded or not, both are fine: the owner loads them), one read-only
+    ``inspect`` call, and the user's permissions (``acl.check_permissions``: every command
+    the scripts run, the keys, the channels; a degraded mode is reported, not failed).
+    Stops at the first failure other than an ACL refusal (then the permission step lists
+    every grant missing); never raises."""
     steps: list[tuple[str, bool, str]] = []
     client = reader.client
-    lease = reader._current_lease()
 
-    def step(name: str, call: Any, describe: Any) -> bool:
-        try:
-            result = call()
-        except Exception as exc:
-            steps.append((name, False, redact_text(str(classify_error(exc)))))
-            return False
-        steps.append((name, True, describe(result)))
-        return True
+    def failed(name: str, exc: Exception) -> str:
+        error = classify_error(exc)
+        steps.append((name, False, redact_text(str(error))))
+        return error.kind
 
-    if not step("PING", client.ping, lambda r: "PONG" if r else repr(r)):
-        return RedisCheck(False, tuple(steps))
+    try:
+        pong = client.ping()
+    except Exception as exc:
+        if classify_error(exc).kind != "noperm":
+            failed("PING", exc)
+            return RedisCheck(False, tuple(steps))
+        # Refused by the ACL: Redis answered and knows the user; the lease never sends PING.
+        steps.append(("PING", True, "answering (PING not permitted for this user: not needed)"))
+    else:
+        steps.append(("PING", True, "PONG" if pong else repr(pong)))
     shas = [client.register_script(text).sha for text in (ACQUIRE_LUA, RELEASE_LUA, INSPECT_LUA)]
     try:
         exists = client.script_exists(*shas)
     except Exception as exc:
-        error = classify_error(exc)
-        if error.kind == "noperm":  # the lease itself needs only EVALSHA / SCRIPT LOAD
+        if classify_error(exc).kind == "noperm":  # the lease needs only EVALSHA / SCRIPT LOAD
             steps.append(("SCRIPT EXISTS", True, "not permitted for this user (not needed)"))
         else:
-            steps.append(("SCRIPT EXISTS", False, redact_text(str(error))))
+            failed("SCRIPT EXISTS", exc)
             return RedisCheck(False, tuple(steps))
     else:
         loaded = sum(1 for flag in exists if flag)
         steps.append(
             ("SCRIPT EXISTS", True, f"{loaded} of {len(shas)} lease scripts cached by Redis")
         )
-    view_ok = step(
-        "inspect script",
-        lease.inspect,
-        lambda info: f"lease held by {info.holder}" if info.holder else "lease free",
-    )
-    return RedisCheck(view_ok, tuple(steps))
+    view_ok = True
+    try:
+        info = reader._current_lease().inspect()
+    except Exception as exc:
+        view_ok = False
+        if failed("inspect script", exc) != "noperm":
+            return RedisCheck(False, tuple(steps))
+    else:
+        steps.append(
+            (
+                "inspect script",
+                True,
+                f"lease held by {info.holder}" if info.holder else "lease free",
+            )
+        )
+    try:
+        acl = check_permissions(client, reader.name, prefix=reader.prefix)
+    except Exception as exc:
+        failed("permissions", exc)
+        return RedisCheck(False, tuple(steps))
+    passed = not acl.required_missing and not acl.errors
+    detail = "; ".join([acl.describe(), *acl.degraded()])
+    if not passed:
+        detail += f" (run `mutexowner acl --key {reader.name}` for the rules the lease needs)"
+    steps.append(("permissions", passed, detail))
+    return RedisCheck(view_ok and passed, tuple(steps))

@@ -9,9 +9,12 @@ This module is the only place Redis exceptions are classified.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import secrets
 import socket
+import ssl
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Optional, Union
@@ -33,6 +36,7 @@ __all__ = [
     "Taken",
     "classify_error",
     "new_token",
+    "unwrap_script_error",
 ]
 
 #: Bits of randomness in every acquisition token (DESIGN invariant 1 asks for >= 128).
@@ -199,9 +203,123 @@ _STRIPPED_TRANSIENT: tuple[type[BaseException], ...] = tuple(
     cls for cls in (getattr(rex, "OutOfMemoryError", None),) if isinstance(cls, type)
 )
 
+# Redis < 7 does not pass an error raised by redis.call() inside a script through with its
+# code: it wraps it in an ERR reply (checked against redis-server 6.2.14), in two forms:
+#   ERR Error running script (call to f_<sha>): @user_script:19: @user_script: 19: -READONLY ...
+#   ERR Error running script (call to f_<sha>): @user_script:19: WRONGTYPE Operation ...
+# (the first for the checks scripting.c makes before running a command: READONLY, OOM,
+# NOREPLICAS, MISCONF, ACL; the second for an error reply of the command itself). Redis 7
+# passes the code through and appends " script: <sha>, on @user_script:19.".
+_SCRIPT_WRAPPER = re.compile(r"(?:ERR\s+)?Error running script\b[^:]*:\s*")
+_SCRIPT_LOCATION = re.compile(r"@?user_script:\s*\d+:\s*")
+# ACL refusals of a command run by a script: Redis 6.2 and 7.0 say "The user executing the
+# script can't run this command or subcommand" (or "...can't access at least one of the keys",
+# "...can't publish to the channel") without an error code; Redis 7.2 says "NOPERM User u has
+# no permissions to run the 'time' command".
+_SCRIPT_ACL_DENIED = re.compile(r"The user executing the script can't|\bno permissions to\b")
+
+
+_SCRIPT_AT_LINE = re.compile(
+    r"(?:f_|script: )(?P<sha>[0-9a-f]{40})\b.*?@user_script:\s*(?P<line>\d+)", re.DOTALL
+)
+_LUA_CALL = re.compile(r"redis\.p?call\(\s*'([A-Za-z]+)'")
+
+
+def _scripts_by_sha() -> dict[str, str]:
+    return {
+        hashlib.sha1(text.encode("utf-8")).hexdigest(): text  # Redis names scripts by SHA-1
+        for text in (ACQUIRE_LUA, RELEASE_LUA, INSPECT_LUA)
+    }
+
+
+def _acl_hint(message: str) -> str:
+    """``" (line 19 of the lease script runs TIME: grant +time)"`` for an ACL refusal whose
+    message names one of our scripts and a line; ``""`` when it cannot tell."""
+    match = _SCRIPT_AT_LINE.search(message)
+    script = _scripts_by_sha().get(match.group("sha")) if match else None
+    if match is None or script is None:
+        return ""
+    lines = script.splitlines()
+    number = int(match.group("line"))
+    commands = _LUA_CALL.findall(lines[number - 1]) if 0 < number <= len(lines) else []
+    if not commands:
+        return ""
+    names = " ".join(dict.fromkeys(c.upper() for c in commands))
+    grants = " ".join(dict.fromkeys(f"+{c.lower()}" for c in commands))
+    return f" (line {number} of the lease script runs {names}: grant {grants})"
+
+
+# TLS failures that retrying soon will not fix: the server's certificate is not trusted (wrong
+# CA, wrong host name), the server wants a client certificate, or one side does not speak TLS.
+# Other SSL errors (EOF in the middle of a handshake, reset) are connection trouble.
+_TLS_CONFIG_ERROR = re.compile(
+    r"CERTIFICATE_VERIFY_FAILED|CERTIFICATE_REQUIRED|BAD_CERTIFICATE|UNKNOWN_CA|"
+    r"CERTIFICATE_UNKNOWN|WRONG_VERSION_NUMBER|certificate verify failed"
+)
+
+
+def _tls_config_error(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: Optional[BaseException] = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        if (isinstance(current, ssl.SSLError) or "[SSL" in text) and _TLS_CONFIG_ERROR.search(text):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def unwrap_script_error(message: str) -> str:
+    """The error a Redis < 7 script failure wraps, code first; ``message`` if not wrapped.
+
+    ``"Error running script (call to f_ab…): @user_script:19: @user_script: 19: -READONLY You
+    can't write against a read only replica."`` gives ``"READONLY You can't write against a
+    read only replica."``.
+    """
+    text = message.strip()
+    wrapper = _SCRIPT_WRAPPER.match(text)
+    if wrapper is None:
+        return message
+    inner = text[wrapper.end() :]
+    location = _SCRIPT_LOCATION.match(inner)
+    while location is not None:
+        inner = inner[location.end() :]
+        location = _SCRIPT_LOCATION.match(inner)
+    return inner.lstrip("-").strip() or message
+
+
+def _classify_reply(message: str) -> Optional[LeaseError]:
+    """Classify an error reply by its code, unwrapping a Redis 6 script error first."""
+    inner = unwrap_script_error(message)
+    upper = inner.lstrip().upper()
+    if upper.startswith(_TRANSIENT_PREFIXES):
+        kind = upper.split(" ", 1)[0].lower()
+        return RedisTransientError(f"Redis is temporarily refusing: {inner}", kind=kind)
+    if "WRONGTYPE" in upper:
+        return RedisFatalError(
+            f"a lease key holds a value of the wrong type: {inner}", kind="wrongtype"
+        )
+    if "NOPERM" in upper or _SCRIPT_ACL_DENIED.search(inner):
+        return RedisFatalError(
+            f"ACL denied the lease script: {message}{_acl_hint(message)}", kind="noperm"
+        )
+    if "NOAUTH" in upper or "WRONGPASS" in upper:
+        return RedisFatalError(f"authentication failed: {message}", kind="auth")
+    if upper.startswith("NOSCRIPT"):
+        return RedisFatalError(
+            f"Redis does not keep the lease scripts even after reloading them: {message}",
+            kind="noscript",
+        )
+    return None
+
 
 def classify_error(exc: BaseException) -> LeaseError:
-    """Map any exception from a lease round trip to a transient or fatal ``LeaseError``."""
+    """Map any exception from a lease round trip to a transient or fatal ``LeaseError``.
+
+    Error replies are classified by their code, also when Redis 6 wraps the code inside an
+    ``Error running script`` reply (``unwrap_script_error``).
+    """
     if isinstance(exc, LeaseError):
         return exc
     message = str(exc) or type(exc).__name__
@@ -210,7 +328,9 @@ def classify_error(exc: BaseException) -> LeaseError:
     if isinstance(exc, _AUTHORIZATION_ERRORS):
         return RedisFatalError(f"not authorized: {message}", kind="auth")
     if isinstance(exc, rex.NoPermissionError):
-        return RedisFatalError(f"ACL denied the lease script: {message}", kind="noperm")
+        return RedisFatalError(
+            f"ACL denied the lease script: {message}{_acl_hint(message)}", kind="noperm"
+        )
     if isinstance(exc, rex.BusyLoadingError):
         return RedisTransientError(f"Redis is loading its dataset: {message}", kind="loading")
     if isinstance(exc, _STRIPPED_TRANSIENT):
@@ -219,23 +339,26 @@ def classify_error(exc: BaseException) -> LeaseError:
         return RedisTransientError(f"Redis is a read-only replica: {message}", kind="readonly")
     if isinstance(exc, (rex.TimeoutError, socket.timeout)):
         return RedisTransientError(f"Redis did not answer in time: {message}", kind="timeout")
+    if isinstance(exc, (rex.ConnectionError, OSError)) and _tls_config_error(exc):
+        return RedisFatalError(
+            f"TLS handshake refused: {message} (check ssl_ca_certs, ssl_certfile/ssl_keyfile "
+            "and the server's tls-* settings)",
+            kind="tls",
+        )
     if isinstance(exc, (rex.ConnectionError, ConnectionError, OSError)):
         return RedisTransientError(f"cannot reach Redis: {message}", kind="connection")
     if isinstance(exc, (rex.ClusterDownError, rex.TryAgainError)):
         return RedisTransientError(f"cluster not ready: {message}", kind="cluster")
+    if isinstance(exc, rex.NoScriptError):
+        # redis-py strips the code; its Script object already reloaded the script once.
+        return RedisFatalError(
+            f"Redis does not keep the lease scripts even after reloading them: {message}",
+            kind="noscript",
+        )
     if isinstance(exc, rex.ResponseError):
-        upper = message.lstrip().upper()
-        if upper.startswith(_TRANSIENT_PREFIXES):
-            kind = upper.split(" ", 1)[0].lower()
-            return RedisTransientError(f"Redis is temporarily refusing: {message}", kind=kind)
-        if "WRONGTYPE" in upper:
-            return RedisFatalError(
-                f"a lease key holds a value of the wrong type: {message}", kind="wrongtype"
-            )
-        if "NOPERM" in upper:
-            return RedisFatalError(f"ACL denied the lease script: {message}", kind="noperm")
-        if "NOAUTH" in upper or "WRONGPASS" in upper:
-            return RedisFatalError(f"authentication failed: {message}", kind="auth")
+        classified = _classify_reply(message)
+        if classified is not None:
+            return classified
         return RedisFatalError(f"the lease script failed: {message}", kind="script")
     if isinstance(exc, rex.RedisError):
         return RedisFatalError(f"Redis client error: {message}", kind="client")

@@ -1,7 +1,7 @@
 """The owner's state machine, declared as data in one place.
 
 ``MutexOwner`` feeds ``STATES`` and ``TRANSITIONS`` to a ``transitions`` machine; the
-README's diagram is ``mermaid()`` of the same table (a test keeps the two in step).
+diagram in docs/state-machine.md is ``mermaid()`` of the same table (a test keeps them in step).
 Callbacks are named methods of the owner, resolved by name.
 """
 
@@ -30,7 +30,8 @@ HOLDING = "holding"
 SUSPENDED = "suspended"
 DRAINING = "draining"
 
-#: Every state, with what it means. The first four are DESIGN.md's public names.
+#: Every state, with what it means. The first four are the public names the docs promise
+#: (docs/state-machine.md); the others are documented there too.
 STATES: dict[str, str] = {
     STOPPED: "not started, or stopped for good; workers not running",
     ACQUIRING: "standby: trying to take the lease; workers not running",

@@ -56,6 +56,7 @@ class ReleaseListener:
         self._ignore_from = ignore_from
         self._rng = random.Random()
         self._subscribed = False
+        self._refused_logged = False
         #: The live subscription (set by the listener thread), so stop() can cut it.
         self._pubsub: Optional[Any] = None
         self._pubsub_lock = threading.Lock()
@@ -132,7 +133,18 @@ class ReleaseListener:
                     break
                 failures += 1
                 self.failures_seen += 1
-                if failures == 1:
+                if isinstance(exc, redis.exceptions.NoPermissionError):
+                    if not self._refused_logged:
+                        self._refused_logged = True
+                        log.warning(
+                            "the ACL refuses SUBSCRIBE to %s (%s): standbys are not woken by "
+                            "releases and wait for the holder's lease to run out instead; "
+                            "grant the channels &%s* (see `mutexowner acl`)",
+                            self._channel,
+                            exc,
+                            self._channel.rsplit(":", 1)[0] + ":",
+                        )
+                elif failures == 1:
                     log.debug("release notices interrupted on %s: %s", self._channel, exc)
                 self._stopping.wait(self._backoff.delay(failures, self._rng))
             finally:

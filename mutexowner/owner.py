@@ -25,10 +25,9 @@ import socket
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, NoReturn, Optional, Union
+from typing import Any, Callable, Literal, NoReturn, Optional, Union, get_args
 
-from transitions import EventData
-from transitions.extensions import LockedMachine
+from transitions import EventData, Machine
 
 from mutexowner import machine as m
 from mutexowner.backoff import BackoffPolicy
@@ -40,7 +39,7 @@ from mutexowner.connection import (
     redact_text,
 )
 from mutexowner.errors import ForkedOwnerError, LeaseError, MutexOwnerError, OwnerStoppedError
-from mutexowner.events import Event, EventDispatcher, Listener
+from mutexowner.events import Event, EventDispatcher, EventKind, Listener
 from mutexowner.lease import (
     Acquired,
     Lease,
@@ -61,8 +60,12 @@ __all__ = ["MutexOwner", "OwnerStatus", "drift_for"]
 
 log = logging.getLogger("mutexowner.owner")
 
-OUTAGE_MODES = ("step_down", "keep_running")
-STUCK_POLICIES = ("exit", "abandon")
+#: What the owner does when Redis cannot confirm the lease (docs/owner.md, docs/safety.md).
+OutageMode = Literal["step_down", "keep_running"]
+OUTAGE_MODES: tuple[OutageMode, ...] = get_args(OutageMode)
+#: The named stuck-worker policies (a callable is the third kind).
+StuckPolicyName = Literal["exit", "abandon"]
+STUCK_POLICIES: tuple[StuckPolicyName, ...] = get_args(StuckPolicyName)
 #: Exit status used by the "exit" stuck-worker policy (EX_SOFTWARE).
 STUCK_EXIT_STATUS = 70
 #: A repeated Redis error is logged again at most this often (seconds).
@@ -78,7 +81,7 @@ OUTSTANDING_TOKENS = 8
 #: Prefix of our state machines' names: ``transitions`` puts it before every log line.
 MACHINE_NAME_PREFIX = "mutexowner["
 
-StuckPolicy = Union[str, Callable[[tuple[str, ...]], object]]
+StuckPolicy = Union[StuckPolicyName, Callable[[tuple[str, ...]], object]]
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ class OwnerStatus:
     lock_delay_remaining: Optional[float] = None
     workers_running: bool = False
     stuck_workers: tuple[str, ...] = ()
-    outage: str = "step_down"
+    outage: OutageMode = "step_down"
     redis: str = ""
 
 
@@ -187,7 +190,7 @@ def _default_identity() -> str:
 class _CallbackListener:
     """Adapts ``on_acquired(fencing_token)`` / ``on_lost(reason)`` to the event stream."""
 
-    def __init__(self, kind: str, callback: Callable[[Any], object]) -> None:
+    def __init__(self, kind: EventKind, callback: Callable[[Any], object]) -> None:
         self.kind = kind
         self.callback = callback
 
@@ -239,7 +242,7 @@ class MutexOwner:
         identity: Optional[str] = None,
         on_acquired: Optional[Callable[[int], object]] = None,
         on_lost: Optional[Callable[[str], object]] = None,
-        outage: str = "step_down",
+        outage: OutageMode = "step_down",
         clock: Optional[Clock] = None,
         *,
         call_timeout: Optional[float] = None,
@@ -300,9 +303,11 @@ class MutexOwner:
 
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
-        # The machine's lock is the owner's lock: a trigger and the fields it reads change together.
+        # A plain Machine: every trigger is fired with the owner's lock held (see _fire), so a
+        # trigger and the fields it reads change together; the machine's own locking (a
+        # LockedMachine) would only add cost to every transition.
         self._model = _Model()
-        self._machine = LockedMachine(
+        self._machine = Machine(
             name=f"{MACHINE_NAME_PREFIX}{self.key}]",
             model=self._model,
             states=list(m.STATES),
@@ -311,7 +316,6 @@ class MutexOwner:
             auto_transitions=False,
             send_event=True,
             after_state_change=self._on_state_change,
-            machine_context=[self._lock],  # type: ignore[list-item]
         )
         if rng is not None and not isinstance(rng, random.Random):
             raise TypeError(f"rng must be a random.Random or None, got {type(rng).__name__}")
@@ -325,7 +329,7 @@ class MutexOwner:
         self._guard = _Guard()
         self._log = _DeferredLog(log, self._events.submit)
         if supervisor is not None:
-            supervisor._bind(
+            supervisor.attach(
                 clock=self._clock, guard=self._guard, key=self.key, hook=self._supervisor_hook
             )
         self._listener: Optional[ReleaseListener] = None
@@ -364,8 +368,8 @@ class MutexOwner:
         # Lifecycle.
         self._thread: Optional[threading.Thread] = None
         self._started = False
-        self._final = False
-        self._done = threading.Event()
+        self._finished = False
+        self._finished_event = threading.Event()
         self._forked = False
         self._pid = os.getpid()
         _OWNERS.add(self)
@@ -400,7 +404,7 @@ class MutexOwner:
         """
         self._check_fork()
         with self._lock:
-            if self._final or self._stop_requested:
+            if self._finished or self._stop_requested:
                 raise OwnerStoppedError(
                     f"owner {self.key!r} was stopped; stop is final, create a new MutexOwner"
                 )
@@ -444,11 +448,11 @@ class MutexOwner:
             started = self._started
         if not started:
             with self._lock:
-                self._final = True
-                self._done.set()
+                self._finished = True
+                self._finished_event.set()
             return True
         if thread is None:  # manual mode (tests): the driver completes the stop
-            return self._done.is_set()
+            return self._finished_event.is_set()
         current = threading.current_thread()
         supervised = self.supervisor is not None and current.name.startswith("mutexowner-")
         if current is thread or (supervised and current in self._supervisor_threads()):
@@ -460,7 +464,7 @@ class MutexOwner:
         def left() -> Optional[float]:
             return None if end is None else max(0.0, end - default_clock())
 
-        if not self._done.wait(left()):
+        if not self._finished_event.wait(left()):
             return False
         thread.join(left())
         sup = self.supervisor
@@ -499,7 +503,7 @@ class MutexOwner:
         with self._cond:
             end = None if timeout is None else default_clock() + timeout
             while not self._holding_now(self._clock()):
-                if self._final or self._stop_requested:
+                if self._finished or self._stop_requested:
                     return False
                 remaining = None if end is None else end - default_clock()
                 if remaining is not None and remaining <= 0:
@@ -566,8 +570,9 @@ class MutexOwner:
                 f"in forked child {os.getpid()}: create a new MutexOwner after fork"
             )
 
-    def _begin(self, *, manual: bool = False) -> None:
-        """Leave ``stopped`` (lock held). ``manual``: no threads, the caller steps ``_tick``."""
+    def _begin(self) -> None:
+        """Leave ``stopped`` (lock held); ``start()`` then starts the threads, a test driver
+        steps ``_tick`` itself."""
         self._started = True
         self._token = new_token()
         self._next_attempt = self._clock()
@@ -592,7 +597,7 @@ class MutexOwner:
                     )
                     self._log.flush()
             with self._cond:
-                if self._final:
+                if self._finished:
                     break
                 if not self._wake:
                     # Under a lease, re-read the clock often: see SAFETY_WAIT_CAP.
@@ -616,13 +621,13 @@ class MutexOwner:
         until its ttl runs out, exactly as after ``kill -9``.
         """
         with self._cond:
-            self._final = True
+            self._finished = True
             self._stop_requested = True
             self._guard.until = -math.inf
             self._next_attempt = None
             self._model.state = m.STOPPED  # no transition: a dead process reports nothing
             self._holding_period = False
-            self._done.set()
+            self._finished_event.set()
             self._wake = True
             self._cond.notify_all()
         if self.supervisor is not None:
@@ -634,12 +639,8 @@ class MutexOwner:
             self._listener.stop()
         self._events.stop()
 
-    def _supervisor_threads(self) -> list[threading.Thread]:
-        sup = self.supervisor
-        if sup is None:
-            return []
-        with sup._lock:
-            return [run.thread for run in sup._runs]
+    def _supervisor_threads(self) -> tuple[threading.Thread, ...]:
+        return self.supervisor.threads() if self.supervisor is not None else ()
 
     # -- outside events -------------------------------------------------------------------
 
@@ -667,6 +668,7 @@ class MutexOwner:
         return self._model.state
 
     def _fire(self, trigger: str, **kwargs: Any) -> None:
+        """Move the machine (the owner's lock is held by every caller)."""
         self._machine.events[trigger].trigger(self._model, **kwargs)
 
     def _on_state_change(self, event: EventData) -> None:
@@ -692,8 +694,8 @@ class MutexOwner:
             self._emit("lost", reason=reason)
         self._cond.notify_all()
 
-    def _emit(self, kind: str, **fields: Any) -> None:
-        if self._final:
+    def _emit(self, kind: EventKind, **fields: Any) -> None:
+        if self._finished:
             return  # nothing happens to an owner after "stopped"
         self._events.emit(
             Event(
@@ -735,13 +737,13 @@ class MutexOwner:
 
     def _turn(self) -> Optional[float]:
         with self._lock:
-            if self._final:
+            if self._finished:
                 return None
             now = self._clock()
             state = self._fsm_state
             if state == m.STOPPED:
                 if self._stop_requested and self._started:
-                    self._finish()
+                    self._set_finished()
                 return None
             self._handle_outside_events(now)
             self._check_deadline(now)
@@ -769,7 +771,7 @@ class MutexOwner:
             elif self._stop_due():
                 if not self._outstanding:
                     self._fire("stop", reason="stopped")
-                    self._finish()
+                    self._set_finished()
                     return None
                 # A late or lost reply may have left one of our tokens in the key.
                 tokens = list(self._outstanding)
@@ -786,7 +788,7 @@ class MutexOwner:
             with self._lock:
                 for token in tokens:
                     self._outstanding.pop(token, None)
-                if self._fsm_state == releasing_from and not self._final:
+                if self._fsm_state == releasing_from and not self._finished:
                     self._after_release(released)
         elif call_due:
             self._call_redis()
@@ -976,18 +978,18 @@ class MutexOwner:
         self._give_up_reason = None
         if self._stop_requested:
             self._fire("stop", reason="stopped")
-            self._finish()
+            self._set_finished()
             return
         self._fire("released", reason=reason)
         delay = self.backoff.delay(max(1, self._workers_failures), self._rng)
         self._next_attempt = self._clock() + delay
 
-    def _finish(self) -> None:
+    def _set_finished(self) -> None:
         """Reached stopped for good (lock held)."""
-        self._final = True
+        self._finished = True
         self._next_attempt = None
         self._guard.until = -math.inf
-        self._done.set()
+        self._finished_event.set()
         self._cond.notify_all()
 
     def _seconds_until_due(self) -> Optional[float]:
@@ -1039,7 +1041,7 @@ class MutexOwner:
             raise
         except Exception as exc:
             with self._lock:
-                if not self._final:
+                if not self._finished:
                     self._on_error(classify_error(exc))
             return
         t_recv = self._clock()
@@ -1056,7 +1058,7 @@ class MutexOwner:
     def _on_reply(
         self, result: LeaseResult, token: str, t_sent: float, t_recv: float, *, renewing: bool
     ) -> None:
-        if self._fsm_state == m.STOPPED or self._final:
+        if self._fsm_state == m.STOPPED or self._finished:
             return
         if isinstance(result, (Taken, Quiet)):
             self._outstanding.pop(token, None)  # the key does not hold this token
@@ -1131,7 +1133,7 @@ class MutexOwner:
             )
         sup = self.supervisor
         if sup is not None:
-            sup._lease_changed()
+            sup.lease_changed()
             if sup.running and sup.restarts == 0:
                 self._workers_failures = 0  # the workers have been healthy for a while
         if self._fsm_state == m.SUSPENDED:

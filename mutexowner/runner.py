@@ -2,15 +2,18 @@
 
 A ``MutexOwner`` holds the lease; its supervisor has one worker, which starts the command
 while the lease is held and stops it (SIGTERM, then SIGKILL after ``grace``) when the lease
-is lost or the run is asked to stop. A command that exits on its own is restarted by the
-supervisor (one_for_all), within ``max_restarts`` restarts in ``max_seconds``; with
-``once``, a clean exit ends the whole run.
+is lost or the run is asked to stop. What happens when the command exits on its own is the
+``restart`` policy (systemd's words: ``on-failure``, ``always``, ``never``); with ``once``
+the run ends after the command's first run and exits with its status.
 
-The command runs under a tiny guard process (``GUARD_SOURCE``): the guard is the leader of
-a new session and process group, starts the command in that group, and kills the whole
-group when ``mutexowner run`` dies without cleaning up (``kill -9``): it watches a pipe
-whose only write end lives in this process. So a killed ``mutexowner run`` never leaves the
-command running while another host takes the lease over.
+The command runs under a guard process (``mutexowner/_guard.py``, run as a script so that
+``ps`` shows a readable command line): the guard is the leader of a new session and process
+group and starts the command in that group. It enforces the lease by itself, on its own
+clock: this process tells it the lease deadline after every confirmed renewal, and the guard
+sends SIGTERM to the group at ``deadline - grace`` and SIGKILL at ``deadline - margin``
+unless told of a later deadline, so a frozen ``mutexowner run`` (SIGSTOP, a stuck machine)
+never leaves the command running past its lease. When ``mutexowner run`` dies (``kill -9``)
+the guard's pipe closes and it kills the whole group at once.
 """
 
 from __future__ import annotations
@@ -26,29 +29,37 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any, Callable, Optional, Union
 
+from mutexowner import _guard
 from mutexowner._validate import finite_number
 from mutexowner.connection import redact_text
 from mutexowner.events import Event
-from mutexowner.owner import STUCK_EXIT_STATUS, MutexOwner, StuckPolicy, drift_for
+from mutexowner.inspection import STATUS_FREE
+from mutexowner.once import wait_for_lease
+from mutexowner.owner import STUCK_EXIT_STATUS, MutexOwner, StuckPolicy
 from mutexowner.supervisor import Supervisor, WorkerContext
+from mutexowner.timing import LeaseTiming, TimingError, TimingNames
 
 __all__ = [
+    "CLEAN_RESTART_DELAY",
     "EXIT_GAVE_UP",
     "EXIT_INTERNAL",
     "EXIT_NOT_EXECUTABLE",
     "EXIT_NOT_FOUND",
     "EXIT_OK",
+    "EXIT_SKIPPED",
     "EXIT_STATUS_FREE",
     "EXIT_STUCK",
     "EXIT_USAGE",
-    "GUARD_SOURCE",
+    "RESTART_POLICIES",
     "RunConfig",
     "Runner",
     "check_command",
     "exit_status",
+    "guard_command",
     "kill_margin",
 ]
 
@@ -58,15 +69,19 @@ log = logging.getLogger("mutexowner.run")
 EXIT_OK = 0
 #: Unexpected internal error (a bug; the traceback is logged).
 EXIT_INTERNAL = 1
-#: Usage or configuration error (bad flags, no Redis URL, --grace too large for --ttl).
+#: Usage or configuration error (bad flags, no Redis URL, --grace too large for --ttl); also
+#: ``run --wait``: Redis never answered within --wait.
 EXIT_USAGE = 2
-#: ``mutexowner status``: the lease is free.
-EXIT_STATUS_FREE = 3
-#: ``mutexowner run`` gave up: the command exited more than --max-restarts times within
+#: ``mutexowner status``: the lease is free (every status command's code, defined once).
+EXIT_STATUS_FREE = STATUS_FREE
+#: ``mutexowner run`` gave up: the command failed more than --max-restarts times within
 #: --max-seconds (EX_UNAVAILABLE).
 EXIT_GAVE_UP = 69
 #: The lease was lost while the command could not be stopped (stuck-worker policy "exit").
 EXIT_STUCK = STUCK_EXIT_STATUS
+#: ``run --wait``: another host held the lease for the whole wait; skipped (EX_TEMPFAIL).
+#: ``--skip-ok`` turns it into 0.
+EXIT_SKIPPED = 75
 #: The command exists but cannot be executed (as in the shell).
 EXIT_NOT_EXECUTABLE = 126
 #: The command was not found (as in the shell).
@@ -77,61 +92,19 @@ ENV_FENCING_TOKEN = "MUTEXOWNER_FENCING_TOKEN"
 ENV_KEY = "MUTEXOWNER_KEY"
 ENV_IDENTITY = "MUTEXOWNER_IDENTITY"
 
-#: How often the worker looks at the running command (seconds).
-POLL_SECONDS = 0.05
+#: What to do when the command exits on its own (systemd's ``Restart=`` words).
+RESTART_POLICIES = ("on-failure", "always", "never")
+#: ``--restart always``: seconds before a command that exited 0 is started again (such
+#: restarts are not counted against --max-restarts; a tight loop is impossible).
+CLEAN_RESTART_DELAY = 1.0
 
-#: The guard process, run as ``python -I -S -c GUARD_SOURCE <pipe fd> <command...>``.
-#: It ignores SIGTERM/SIGINT/SIGHUP (they are meant for the command, which gets them as a
-#: member of the same process group), exits with the command's status (dying from the same
-#: signal when the command did), and SIGKILLs its whole process group when the pipe from
-#: ``mutexowner run`` reaches end-of-file, i.e. when ``mutexowner run`` has died.
-GUARD_SOURCE = r"""
-import os, signal, sys, threading
-fd = int(sys.argv[1])
-argv = sys.argv[2:]
-def _ignore(signum, frame):
-    pass
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-# Python ignores these at start-up; the command must get the default actions back.
-RESTORED = tuple(getattr(signal, n) for n in ("SIGPIPE", "SIGXFZ", "SIGXFSZ") if hasattr(signal, n))
-for s in FORWARDED:
-    signal.signal(s, _ignore)
-pid = os.fork()
-if pid == 0:
-    code = 127
-    try:
-        os.close(fd)
-        for s in FORWARDED + RESTORED:
-            signal.signal(s, signal.SIG_DFL)
-        os.execvp(argv[0], argv)
-    except OSError as exc:
-        code = 127 if isinstance(exc, FileNotFoundError) else 126
-        os.write(2, ("mutexowner run: cannot execute %r: %s\n" % (argv[0], exc.strerror)).encode())
-    finally:
-        os._exit(code)
-def _watch():
-    try:
-        while os.read(fd, 64):
-            pass
-    finally:
-        os.killpg(0, signal.SIGKILL)
-threading.Thread(target=_watch, daemon=True).start()
-while True:
-    try:
-        _, status = os.waitpid(pid, 0)
-        break
-    except InterruptedError:
-        continue
-if os.WIFSIGNALED(status):
-    n = os.WTERMSIG(status)
-    try:
-        signal.signal(n, signal.SIG_DFL)
-    except (OSError, ValueError):
-        pass
-    os.kill(os.getpid(), n)
-    os._exit(128 + n)
-os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
-"""
+#: How often the worker looks at the running command and at the lease (seconds).
+POLL_SECONDS = 0.05
+#: A deadline later by at least this much (seconds) is sent to the guard: a renewal moves
+#: it by about ttl/3; reading it twice without a renewal moves it by microseconds.
+RELAY_STEP = 0.005
+
+_SIGTERM_STATUS = 128 + int(signal.SIGTERM)
 
 
 def exit_status(returncode: int) -> int:
@@ -142,6 +115,35 @@ def exit_status(returncode: int) -> int:
 def kill_margin(ttl: float) -> float:
     """Time allowed after SIGKILL for the command to be reaped: 5 % of ttl in [0.25, 1] s."""
     return min(1.0, max(0.25, ttl * 0.05))
+
+
+def guard_command(fd: int, deadline: float, grace: float, margin: float) -> list[str]:
+    """The guard's command line, up to (not including) the command itself.
+
+    The guard runs as a script (``python -I -S .../mutexowner/_guard.py --fd N ...``): it needs
+    only the standard library, and ``ps`` shows what it is. ``deadline`` is on the guard's
+    clock (``mutexowner._guard.now``).
+    """
+    options = [
+        "--fd",
+        str(fd),
+        "--deadline",
+        f"{deadline:.6f}",
+        "--grace",
+        f"{grace:g}",
+        "--margin",
+        f"{margin:g}",
+        "--",
+    ]
+    path = Path(_guard.__file__)
+    if path.is_file():
+        return [sys.executable, "-I", "-S", str(path), *options]
+    # Imported from a zip: run its source (``ps`` then shows it, but it works).
+    loader = getattr(_guard, "__loader__", None)
+    source = loader.get_source(_guard.__name__) if loader is not None else None
+    if source is None:  # pragma: no cover - no way to start a guard
+        raise RuntimeError("cannot find the source of mutexowner._guard")
+    return [sys.executable, "-I", "-S", "-c", source, *options]
 
 
 @dataclass(frozen=True)
@@ -156,9 +158,23 @@ class RunConfig:
     identity: Optional[str] = None
     max_restarts: int = 3
     max_seconds: float = 5.0
+    #: Run the command once: no restart (unless ``restart`` says so), and the run exits with
+    #: the command's status.
     once: bool = False
     prefix: str = "mutexowner"
+    #: on-failure, always or never; None: "never" with ``once``, else "on-failure".
+    restart: Optional[str] = None
+    #: Seconds to wait for the lease before skipping (None: wait for ever; 0: one attempt).
+    wait: Optional[float] = None
+    #: A skip (``wait`` ran out) exits 0 instead of EXIT_SKIPPED.
+    skip_ok: bool = False
+    #: After the command ended on its own, keep the lease (running nothing) until this many
+    #: seconds after it started, then release.
+    hold_at_least: float = 0.0
     grace_seconds: float = field(init=False)
+    restart_policy: str = field(init=False)
+    #: The lease's numbers (the shutdown budget is grace plus time to reap the command).
+    timing: LeaseTiming = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.command or not all(isinstance(a, str) for a in self.command):
@@ -175,30 +191,51 @@ class RunConfig:
             raise ValueError(f"--max-restarts must be >= 0, got {self.max_restarts}")
         if finite_number("--max-seconds", self.max_seconds) <= 0:
             raise ValueError(f"--max-seconds must be > 0, got {self.max_seconds!r}")
+        if self.restart is not None and self.restart not in RESTART_POLICIES:
+            raise ValueError(
+                f"--restart must be one of {', '.join(RESTART_POLICIES)}, got {self.restart!r}"
+            )
+        if self.wait is not None and finite_number("--wait", self.wait) < 0:
+            raise ValueError(f"--wait must be >= 0 seconds, got {self.wait!r}")
+        if finite_number("--hold-at-least", self.hold_at_least) < 0:
+            raise ValueError(f"--hold-at-least must be >= 0 seconds, got {self.hold_at_least!r}")
         object.__setattr__(self, "grace_seconds", grace)
-        limit = self.max_grace(ttl)
-        if grace >= limit:
+        policy = self.restart or ("never" if self.once else "on-failure")
+        object.__setattr__(self, "restart_policy", policy)
+        margin = kill_margin(ttl)
+        names = TimingNames(
+            ttl="--ttl",
+            renew_interval="the renew interval (ttl/3)",
+            shutdown=f"--grace + {margin:g} s to reap the command",
+        )
+        try:
+            timing = LeaseTiming.of(ttl, shutdown_budget=grace + margin, names=names)
+        except TimingError as exc:
+            limit = self.max_grace(ttl)
             raise ValueError(
                 f"--grace {grace:g} is too large for --ttl {ttl:g}: the command must be stopped "
-                f"(SIGTERM, --grace, SIGKILL, {kill_margin(ttl):g} s to reap it) before the "
-                f"lease can expire, so renew interval (ttl/3 = {ttl / 3:.3g}) + grace + "
-                f"{kill_margin(ttl):g} must be < ttl - drift ({ttl - drift_for(ttl):.4g}). "
+                f"(SIGTERM, --grace, SIGKILL, reaped) before the lease can expire: {exc} "
                 + (
                     f"Use --grace below {limit:.3g} or a larger --ttl."
                     if limit > 0
                     else "Use a larger --ttl."
                 )
-            )
+            ) from None
+        object.__setattr__(self, "timing", timing)
 
     @staticmethod
     def max_grace(ttl: float) -> float:
-        """Exclusive upper bound of --grace for this ttl (may be <= 0 for a tiny ttl)."""
-        return ttl - drift_for(ttl) - ttl / 3 - kill_margin(ttl)
+        """Exclusive upper bound of --grace for this ttl (<= 0: no grace fits this ttl)."""
+        try:
+            slack = LeaseTiming.of(ttl).slack
+        except TimingError:
+            return 0.0
+        return slack - kill_margin(ttl)
 
     @property
     def shutdown_timeout(self) -> float:
         """The supervisor's budget to stop the command: grace plus time to reap it."""
-        return self.grace_seconds + kill_margin(self.ttl)
+        return self.timing.shutdown_budget
 
 
 def check_command(command: tuple[str, ...], env: Optional[dict[str, str]] = None) -> Optional[int]:
@@ -210,6 +247,15 @@ def check_command(command: tuple[str, ...], env: Optional[dict[str, str]] = None
             return EXIT_NOT_FOUND
         return None if os.access(program, os.X_OK) and not os.path.isdir(program) else 126
     return None if shutil.which(program, path=path) else EXIT_NOT_FOUND
+
+
+class _Outcome:
+    """How one run of the command ended (see ``Runner._run_command``)."""
+
+    EXITED = "exited"  # on its own
+    STOPPED = "stopped"  # by us: the lease is ending or the run is stopping
+    GUARD = "guard"  # by the guard, at the lease deadline we had told it
+    NOT_STARTED = "not_started"
 
 
 class Runner:
@@ -227,9 +273,8 @@ class Runner:
         self.config = config
         self._env = dict(os.environ if env is None else env)
         self._install_signals = install_signal_handlers
-        # The worker counts the command's exits itself and gives up (ending the run) before
-        # the supervisor would: a supervisor that gives up makes the owner release the lease
-        # and contend again, which is right for threads but not for `run` (see _child_exited).
+        # The worker restarts the command itself (a loop, not a supervisor restart); the
+        # supervisor's own restarts only follow a bug in the worker.
         self._supervisor = Supervisor(
             max_restarts=config.max_restarts,
             max_seconds=config.max_seconds,
@@ -258,11 +303,17 @@ class Runner:
         self._finish_reason: Optional[str] = None
         self._finish_code = EXIT_OK
         self._final_status: Optional[int] = None
+        self._terminated_by_us = False
         self._by_signal = False
+        # The lease deadline last sent to the guard, on its clock.
+        self._guard_deadline = -float("inf")
+        self._job_started: Optional[float] = None
         #: Every status the command exited with, in order (for tests and the log).
         self.statuses: list[int] = []
         #: How many times the command was started.
         self.starts = 0
+        #: How the wait for the lease ended with ``wait`` set: ours, taken, unavailable...
+        self.wait_outcome: Optional[str] = None
 
     # -- control --------------------------------------------------------------------------
 
@@ -279,6 +330,8 @@ class Runner:
                 redact_text(shlex.join(self.config.command)),
             )
             self.owner.start()
+            if self.config.wait is not None:
+                self._wait_or_skip(self.config.wait)
             while self._signals == 0 and self._finish_reason is None:
                 self._wake.wait(0.1)
                 self._wake.clear()
@@ -288,7 +341,7 @@ class Runner:
             if self._by_signal:
                 signum = self._last_signal
                 log.info(
-                    "key=%s: %s received, stopping the command",
+                    "key=%s: %s received, stopping the command and releasing the lease",
                     self.config.key,
                     signal.Signals(signum).name if signum is not None else "stop request",
                 )
@@ -311,10 +364,38 @@ class Runner:
 
     # -- internals ------------------------------------------------------------------------
 
+    def _wait_or_skip(self, wait: float) -> None:
+        outcome = wait_for_lease(self.owner, wait, cancelled=lambda: self._signals > 0)
+        self.wait_outcome = outcome
+        if outcome == "taken":
+            code = EXIT_OK if self.config.skip_ok else EXIT_SKIPPED
+            log.info(
+                "key=%s: the lease is held elsewhere (waited %g s): not running the command; "
+                "exit %d",
+                self.config.key,
+                wait,
+                code,
+            )
+            self._finish("skipped", code)
+        elif outcome == "unavailable":
+            log.error(
+                "key=%s: no answer from Redis within --wait %g s (%s): not running the "
+                "command; exit %d",
+                self.config.key,
+                wait,
+                self.owner.status().last_error,
+                EXIT_USAGE,
+            )
+            self._finish("unavailable", EXIT_USAGE)
+
     def _exit_code(self) -> int:
         if self._by_signal:
             status = self._final_status
-            return EXIT_OK if status is None else status
+            if status is None or status == EXIT_OK:
+                return EXIT_OK
+            if status == _SIGTERM_STATUS and self._terminated_by_us:
+                return EXIT_OK  # it ended on the SIGTERM we sent: a clean stop
+            return status
         return self._finish_code
 
     def _finish(self, reason: str, code: int) -> None:
@@ -328,7 +409,7 @@ class Runner:
 
     def _on_event(self, event: Event) -> None:
         if event.kind == "lost" and event.reason == "workers_failed":
-            # The supervisor gave up before our own count did (exits processed with lag).
+            # The supervisor gave up: the worker itself kept failing (a bug).
             self._finish("gave_up", EXIT_GAVE_UP)
 
     def _handle_signal(self, signum: int, frame: Optional[FrameType]) -> None:
@@ -338,8 +419,15 @@ class Runner:
         previous: dict[int, Any] = {}
         if not self._install_signals or threading.current_thread() is not threading.main_thread():
             return previous
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             previous[signum] = signal.signal(signum, self._handle_signal)
+        # Job control from a terminal reaches only our process group, not the command's
+        # (its own session): being stopped would freeze the lease's renewals while the
+        # command runs on. The guard enforces the deadline anyway; we do not stop.
+        for name in ("SIGTSTP", "SIGTTIN", "SIGTTOU"):
+            stop_signal: Optional[int] = getattr(signal, name, None)
+            if stop_signal is not None:
+                previous[stop_signal] = signal.signal(stop_signal, signal.SIG_IGN)
         return previous
 
     @staticmethod
@@ -350,26 +438,140 @@ class Runner:
     # -- the worker -----------------------------------------------------------------------
 
     def _work(self, ctx: WorkerContext) -> None:
-        """One run of the command under the lease (the supervisor's only worker)."""
+        """The command under the lease, restarted by policy (the supervisor's only worker)."""
+        while True:
+            if self._closing or ctx.stopping.is_set() or not self.owner.holding:
+                ctx.stopping.wait()
+                return
+            status, outcome = self._run_command(ctx)
+            if outcome == _Outcome.NOT_STARTED:
+                ctx.stopping.wait()
+                return
+            if outcome in (_Outcome.STOPPED, _Outcome.GUARD):
+                if self.config.once and not self._shutting_down:
+                    # The job was interrupted by the end of the lease: the run ends with it.
+                    self._finish("lease_lost", status)
+                if outcome == _Outcome.STOPPED or self._closing:
+                    ctx.stopping.wait()
+                    return
+                if not self._after_guard_stop(ctx):
+                    return
+                continue
+            if not self._restart_after_exit(ctx, status):
+                return
+
+    def _after_guard_stop(self, ctx: WorkerContext) -> bool:
+        """The guard stopped the command at the deadline: True to start it again (renewed)."""
+        log.warning(
+            "key=%s: the guard stopped the command at the lease deadline (no renewal "
+            "confirmed in time)",
+            self.config.key,
+        )
+        while not ctx.stopping.is_set():
+            status = self.owner.status()
+            left = status.lease_remaining
+            if status.holding and left is not None and left > self.config.shutdown_timeout:
+                log.warning(
+                    "key=%s: the lease was renewed: starting the command again", self.config.key
+                )
+                return True
+            ctx.sleep(POLL_SECONDS)
+        return False
+
+    def _restart_after_exit(self, ctx: WorkerContext, status: int) -> bool:
+        """The command exited on its own: True to start it again, else end the run."""
+        key = self.config.key
         if self._closing:
+            if self._signals:  # it ended as we were told to stop: its status is the run's
+                self._final_status = status
             ctx.stopping.wait()
+            return False
+        policy = self.config.restart_policy
+        failed = status != EXIT_OK
+        restart = policy == "always" or (policy == "on-failure" and failed)
+        if restart and failed:
+            now = time.monotonic()
+            with self._lock:
+                window = self.config.max_seconds
+                self._exit_times = [t for t in self._exit_times if now - t < window]
+                self._exit_times.append(now)
+                too_many = len(self._exit_times) > self.config.max_restarts
+            if too_many:
+                code = status if self.config.once else EXIT_GAVE_UP
+                log.error(
+                    "key=%s: the command exited with status %d, more than %d restart(s) "
+                    "within %g s: giving up (exit %d)",
+                    key,
+                    status,
+                    self.config.max_restarts,
+                    self.config.max_seconds,
+                    code,
+                )
+                self._finish("gave_up", code)
+                ctx.stopping.wait()
+                return False
+            log.warning(
+                "key=%s: the command exited with status %d; restarting it (--restart %s)",
+                key,
+                status,
+                policy,
+            )
+            return True
+        if restart:
+            log.info(
+                "key=%s: the command exited with status 0; starting it again in %g s "
+                "(--restart always)",
+                key,
+                CLEAN_RESTART_DELAY,
+            )
+            return not ctx.sleep(CLEAN_RESTART_DELAY)
+        log.info(
+            "key=%s: the command exited with status %d: done (%s)",
+            key,
+            status,
+            "--once" if self.config.once else f"--restart {policy}",
+        )
+        self._final_status = status  # also the run's status if a signal cuts the hold short
+        self._hold_at_least(ctx)
+        self._finish("done", status)
+        ctx.stopping.wait()
+        return False
+
+    def _hold_at_least(self, ctx: WorkerContext) -> None:
+        """Keep the lease, running nothing, until --hold-at-least after the job started."""
+        started = self._job_started
+        if started is None or self.config.hold_at_least <= 0:
             return
-        ctx.ensure_held()
+        left = started + self.config.hold_at_least - time.monotonic()
+        if left <= 0:
+            return
+        log.info(
+            "key=%s: keeping the lease %.3g s more (--hold-at-least %g), then releasing it",
+            self.config.key,
+            left,
+            self.config.hold_at_least,
+        )
+        ctx.sleep(left)
+
+    def _run_command(self, ctx: WorkerContext) -> tuple[int, str]:
+        """Start the command under a guard and watch it: (exit status, outcome)."""
+        stamp = _guard.now()  # before status(): the deadline sent errs early, never late
+        remaining = self.owner.status().lease_remaining
+        if remaining is None or not self.owner.holding:
+            return 0, _Outcome.NOT_STARTED
+        deadline = stamp + remaining
         env = dict(self._env)
         env[ENV_FENCING_TOKEN] = str(ctx.fencing_token)
         env[ENV_KEY] = self.config.key
         env[ENV_IDENTITY] = self.owner.identity
+        margin = kill_margin(self.config.ttl)
         read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)  # a stuck guard must never block this thread
         try:
             try:
                 proc = subprocess.Popen(
                     [
-                        sys.executable,
-                        "-I",
-                        "-S",
-                        "-c",
-                        GUARD_SOURCE,
-                        str(read_end),
+                        *guard_command(read_end, deadline, self.config.grace_seconds, margin),
                         *self.config.command,
                     ],
                     env=env,
@@ -379,20 +581,22 @@ class Runner:
             except OSError as exc:
                 log.error("key=%s: cannot start the command: %s", self.config.key, exc)
                 self._finish("spawn_failed", EXIT_INTERNAL)
-                ctx.stopping.wait()
-                return
+                return EXIT_INTERNAL, _Outcome.NOT_STARTED
             finally:
                 os.close(read_end)
+            self._guard_deadline = deadline
             self.starts += 1
+            if self._job_started is None:
+                self._job_started = time.monotonic()
             log.info(
                 "key=%s: started the command (pid %d, fencing token %s%s)",
                 self.config.key,
                 proc.pid,
                 ctx.fencing_token,
-                f", restart {ctx.restart_count}" if ctx.restart_count else "",
+                f", start {self.starts}" if self.starts > 1 else "",
             )
             try:
-                self._supervise(ctx, proc)
+                return self._supervise(ctx, proc, write_end)
             finally:
                 if proc.poll() is None:  # an exception on the way: leave nothing behind
                     self._signal_group(proc.pid, signal.SIGKILL)
@@ -400,10 +604,34 @@ class Runner:
         finally:
             os.close(write_end)
 
-    def _supervise(self, ctx: WorkerContext, proc: subprocess.Popen[bytes]) -> None:
+    def _tell_guard(self, write_end: int, message: bytes) -> None:
+        with contextlib.suppress(BlockingIOError, BrokenPipeError, OSError):
+            os.write(write_end, message)
+
+    def _relay_renewal(self, write_end: int) -> None:
+        """Tell the guard the lease's deadline if a renewal moved it (on the guard's clock).
+
+        Read from ``status()`` at every poll, not from the ``renewed`` events: their thread
+        can be held up (a slow listener or log handler) while the lease itself is fine. The
+        clock is read *before* the lease, so the deadline sent can only be early.
+        """
+        stamp = _guard.now()
+        remaining = self.owner.status().lease_remaining
+        if remaining is None:
+            return  # not holding: the supervisor is stopping us; the guard keeps its deadline
+        deadline = stamp + remaining
+        if deadline < self._guard_deadline + RELAY_STEP:
+            return  # no renewal since the last line (only the read's jitter)
+        self._guard_deadline = deadline
+        self._tell_guard(write_end, b"D %.6f\n" % deadline)
+
+    def _supervise(
+        self, ctx: WorkerContext, proc: subprocess.Popen[bytes], write_end: int
+    ) -> tuple[int, str]:
         while proc.poll() is None:
+            self._relay_renewal(write_end)
             if ctx.sleep(POLL_SECONDS):
-                status = self._terminate(proc)
+                status = self._terminate(proc, write_end)
                 if self._shutting_down:
                     self._final_status = status
                 self.statuses.append(status)
@@ -413,68 +641,45 @@ class Runner:
                     "run stopping" if self._shutting_down else "lease ending",
                     status,
                 )
-                return
+                return status, _Outcome.STOPPED
         status = exit_status(proc.returncode)
         self.statuses.append(status)
+        guard_acted = _guard.now() >= self._guard_deadline - self.config.grace_seconds
         # Whatever the command left behind in its process group goes with it.
-        self._reap_group(proc.pid, self.config.grace_seconds)
-        self._child_exited(ctx, status)
-
-    def _child_exited(self, ctx: WorkerContext, status: int) -> None:
-        """The command ended on its own: restart it (return), or end the run."""
-        if self._closing:
-            if self._signals:  # it ended as we were told to stop: its status is the run's
-                self._final_status = status
-            ctx.stopping.wait()
-            return
-        if self.config.once and status == EXIT_OK:
-            log.info("key=%s: the command exited with status 0 (--once): done", self.config.key)
-            self._finish("once", EXIT_OK)
-            ctx.stopping.wait()
-            return
-        now = time.monotonic()
-        with self._lock:
-            window = self.config.max_seconds
-            self._exit_times = [t for t in self._exit_times if now - t < window]
-            self._exit_times.append(now)
-            too_many = len(self._exit_times) > self.config.max_restarts
-        if too_many:
-            log.error(
-                "key=%s: the command exited with status %d, more than %d restart(s) within "
-                "%g s: giving up (exit %d)",
+        self._reap_group(proc.pid, self.config.grace_seconds, proc.pid)
+        if ctx.stopping.is_set() and not self._closing:
+            log.warning(
+                "key=%s: the command ended with status %d as the lease ended%s",
                 self.config.key,
                 status,
-                self.config.max_restarts,
-                self.config.max_seconds,
-                EXIT_GAVE_UP,
+                " (the guard stopped it at the lease deadline)" if guard_acted else "",
             )
-            self._finish("gave_up", EXIT_GAVE_UP)
-            ctx.stopping.wait()
-            return
-        log.warning(
-            "key=%s: the command exited with status %d; restarting it", self.config.key, status
-        )
-        # Returning while not stopping: the supervisor restarts the worker (one_for_all).
+            return status, _Outcome.STOPPED
+        if guard_acted and not self._closing:
+            return status, _Outcome.GUARD
+        return status, _Outcome.EXITED
 
-    def _terminate(self, proc: subprocess.Popen[bytes]) -> int:
+    def _terminate(self, proc: subprocess.Popen[bytes], write_end: int) -> int:
         """SIGTERM the command's process group; SIGKILL what is left after the grace period."""
         pgid = proc.pid
+        self._tell_guard(write_end, b"T\n")  # the guard now only keeps its SIGKILL
+        self._terminated_by_us = True
         self._signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + self.config.grace_seconds
         self._wait_until(lambda: proc.poll() is not None, deadline)
-        self._reap_group(pgid, max(0.0, deadline - time.monotonic()), terminated=True)
+        self._reap_group(pgid, max(0.0, deadline - time.monotonic()), pgid, terminated=True)
         if proc.poll() is None:
             proc.wait()
         return exit_status(proc.returncode)
 
-    def _reap_group(self, pgid: int, grace: float, *, terminated: bool = False) -> None:
+    def _reap_group(self, pgid: int, grace: float, guard: int, *, terminated: bool = False) -> None:
         """Make sure no process is left in group ``pgid``: SIGTERM, wait ``grace``, SIGKILL."""
-        if not self._group_alive(pgid):
+        if not self._group_alive(pgid, guard):
             return
         if not terminated:
             self._signal_group(pgid, signal.SIGTERM)
-        self._wait_until(lambda: not self._group_alive(pgid), time.monotonic() + grace)
-        if self._group_alive(pgid):
+        self._wait_until(lambda: not self._group_alive(pgid, guard), time.monotonic() + grace)
+        if self._group_alive(pgid, guard):
             log.warning("key=%s: sending SIGKILL to the command's process group", self.config.key)
             self._signal_group(pgid, signal.SIGKILL)
 
@@ -486,14 +691,27 @@ class Runner:
             time.sleep(min(remaining, 0.02))
 
     @staticmethod
-    def _group_alive(pgid: int) -> bool:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
+    def _group_alive(pgid: int, guard: int) -> bool:
+        """Does group ``pgid`` have a living process? Zombies do not count (reaped if ours)."""
+        members = _guard.group_members(pgid)
+        if members is None:  # no /proc: ask the kernel (a zombie counts as alive there)
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
             return True
-        return True
+        alive = False
+        me = os.getpid()
+        for pid, state, ppid in members:
+            if state in ("Z", "X"):
+                if ppid == me and pid != guard:  # orphans re-parented to us (PID 1, say)
+                    with contextlib.suppress(ChildProcessError, OSError):
+                        os.waitpid(pid, os.WNOHANG)
+            else:
+                alive = True
+        return alive
 
     @staticmethod
     def _signal_group(pgid: int, signum: Union[int, signal.Signals]) -> None:

@@ -9,10 +9,11 @@ within ``max_seconds``. It is usable on its own; inside a ``MutexOwner`` it runs
 while the lease is held, and stops the workers by the lease deadline on its own clock,
 even when the owner thread is busy.
 
-One monitor thread (``mutexowner-supervisor``) does all the starting, stopping and
-restarting; callers only set flags and wait. A worker that ignores ``stopping`` past
-``shutdown_timeout`` is reported (CRITICAL log, ``stuck_workers``, the owner's hook) and
-waited for: nothing new starts while it runs.
+One monitor thread (``mutexowner-supervisor``; ``mutexowner-<key>-supervisor`` under an
+owner) does the starting and restarting; stopping sets the workers' ``stopping`` at once
+(from whichever thread asks), and the monitor waits for them. A worker that ignores
+``stopping`` past ``shutdown_timeout`` is reported (CRITICAL log, ``stuck_workers``, the
+owner's hook) and waited for: nothing new starts while it runs.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ F = TypeVar("F", bound=WorkerTarget)
 
 #: Real seconds ``stop()`` waits beyond ``shutdown_timeout`` by default (thread hand-over).
 STOP_MARGIN = 1.0
+#: Real seconds ``wait_settled`` blocks before re-checking (a liveness net, not timing).
+SETTLE_POLL = 0.02
 
 
 class LeaseGuard(Protocol):
@@ -389,7 +392,7 @@ class Supervisor:
             self._idle.clear()
             self._busy = True
             monitor = threading.Thread(
-                target=self._monitor_main, name="mutexowner-supervisor", daemon=True
+                target=self._monitor_main, name=self._thread_name("supervisor"), daemon=True
             )
             # The monitor first, so that no worker ever runs unsupervised; it waits for this
             # lock before looking at anything.
@@ -439,9 +442,15 @@ class Supervisor:
         """Wait (real time) until no worker of this supervisor is running."""
         return self._idle.wait(None if timeout is None else _real_timeout(timeout))
 
-    # -- owner integration (internal) -----------------------------------------------------
+    # -- the seam an owner drives --------------------------------------------------------
+    #
+    # A lease owner (``MutexOwner``) uses only these, plus start()/stop() and the read-only
+    # properties above: attach once, start the workers with the lease's fencing token, wake
+    # the monitor when the deadline moves (lease_changed), stop them (stop(timeout=0) only
+    # asks), and hear back through the hook: "restarted", "stuck", "failed" (give up),
+    # "idle". The step-down by the deadline needs no call: the monitor reads the guard.
 
-    def _bind(
+    def attach(
         self,
         *,
         clock: Clock,
@@ -454,7 +463,8 @@ class Supervisor:
         The hook gets ``(what, detail)``: "restarted" (detail: the workers that ended),
         "stuck" (the stuck workers), "failed" (given up: sent as soon as decided, before
         the workers have stopped) and "idle" (the last stop reason, once all have exited).
-        It is called from the monitor thread with no supervisor lock held.
+        It is called from the monitor thread with no supervisor lock held. Thread names
+        include ``key`` from now on, so a thread dump of several owners can be read.
         """
         with self._lock:
             if self._bound:
@@ -467,10 +477,41 @@ class Supervisor:
             self._hook = hook
             self._bound = True
 
-    def _lease_changed(self) -> None:
+    def lease_changed(self) -> None:
         """The owner's deadline moved: wake the monitor so it re-reads it."""
         with self._cond:
             self._cond.notify_all()
+
+    def threads(self) -> tuple[threading.Thread, ...]:
+        """This supervisor's threads (the monitor and the current workers), alive or not."""
+        with self._lock:
+            threads = [run.thread for run in self._runs]
+            if self._monitor is not None:
+                threads.append(self._monitor)
+        return tuple(threads)
+
+    def wait_settled(self, timeout: float) -> bool:
+        """Wait (real time) until the monitor has nothing left to do now: it is not working,
+        has seen every worker that ended, and every worker told to stop has exited. For
+        test drivers that move a fake clock: they call this before moving it on."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while not self._settled():
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, SETTLE_POLL))
+        return True
+
+    def _settled(self) -> bool:
+        if self._busy or (self._stop_requested and self.running):
+            return False
+        if any(not exit_.expected for exit_ in self._exits):
+            return False  # the monitor has yet to see a worker that ended
+        return not any(run.ctx.stopping.is_set() and not run.done for run in self._runs)
+
+    def _thread_name(self, suffix: str) -> str:
+        return f"mutexowner-{self._key}-{suffix}" if self._key else f"mutexowner-{suffix}"
 
     # -- internals ------------------------------------------------------------------------
 
@@ -493,7 +534,10 @@ class Supervisor:
             )
             run = _Run(spec, ctx)
             run.thread = threading.Thread(
-                target=self._worker_main, args=(run,), name=f"mutexowner-{spec.name}", daemon=True
+                target=self._worker_main,
+                args=(run,),
+                name=self._thread_name(spec.name),
+                daemon=True,
             )
             self._runs.append(run)
         for run in self._runs:

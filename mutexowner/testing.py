@@ -18,7 +18,6 @@ driver jumps straight to the next moment the owner has something to do.
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any, Callable, Optional
 
 from mutexowner.errors import OwnerStoppedError
@@ -92,11 +91,11 @@ class OwnerDriver:
         self.clock = clock
         self.settle_timeout = settle_timeout
         with owner._lock:
-            if owner._final:
+            if owner._finished:
                 raise OwnerStoppedError("the owner was stopped")
             if owner._started:
                 raise RuntimeError("the owner is already running with its own thread")
-            owner._begin(manual=True)
+            owner._begin()
 
     def step(self) -> Optional[float]:
         """Run one turn of the machine at the current fake time; seconds until it is due again."""
@@ -108,22 +107,7 @@ class OwnerDriver:
         sup = self.owner.supervisor
         if sup is None:
             return True
-        end = time.monotonic() + (self.settle_timeout if timeout is None else timeout)
-
-        def settled() -> bool:
-            if sup._busy or (sup._stop_requested and sup.running):
-                return False
-            if any(not exit_.expected for exit_ in sup._exits):
-                return False  # the monitor has yet to see a worker that ended
-            return not any(run.ctx.stopping.is_set() and not run.done for run in sup._runs)
-
-        with sup._cond:
-            while not settled():
-                remaining = end - time.monotonic()
-                if remaining <= 0:
-                    return False
-                sup._cond.wait(min(remaining, _REAL_POLL))
-        return True
+        return sup.wait_settled(self.settle_timeout if timeout is None else timeout)
 
     def advance(self, seconds: float) -> Optional[float]:
         """Advance fake time by ``seconds``, then step."""
@@ -183,7 +167,7 @@ class OwnerDriver:
     def stop(self, *, max_seconds: float = 3600.0) -> bool:
         """Request stop and step until the owner is stopped for good."""
         self.owner.stop()
-        return self.run_until(lambda: self.owner._final, max_seconds=max_seconds)
+        return self.run_until(lambda: self.owner._finished, max_seconds=max_seconds)
 
     def _take_wake(self) -> bool:
         with self.owner._lock:

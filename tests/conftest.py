@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import pytest
 from hypothesis import settings
 
-from tests.redis_server import RedisServer, find_redis_server
+from tests.redis_server import RedisServer, find_redis_server, redis_server_version
 
 REQUIRE_REDIS_ENV = "MUTEXOWNER_REQUIRE_REDIS"
 REDIS_FIXTURES = frozenset({"redis_server", "redis_server_factory", "redis_server_executable"})
@@ -151,6 +151,15 @@ def redis_server(redis_server_factory: Callable[..., RedisServer]) -> RedisServe
 
 
 # -- hooks -------------------------------------------------------------------------------
+
+
+def pytest_report_header() -> str:
+    """Which redis-server the real-Redis tests start (``$MUTEXOWNER_REDIS_SERVER`` or PATH)."""
+    path = find_redis_server()
+    if path is None:
+        return "redis-server: not found (real-Redis tests skip unless required)"
+    version = ".".join(map(str, redis_server_version(path))) or "unknown version"
+    return f"redis-server: {path} ({version})"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

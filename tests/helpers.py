@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from mutexowner import Event
+from mutexowner import Event, MutexOwner
 from tests.redis_server import poll, proc_state
 
 #: How long a test waits for a real thread to reach an observable condition.
@@ -42,3 +42,10 @@ class Recorder:
 def alive(pid: int) -> bool:
     """True while process ``pid`` exists and is not a zombie (Linux ``/proc``)."""
     return proc_state(pid) not in (None, "Z", "X")
+
+
+def errors_of(owner: MutexOwner) -> list[Event]:
+    """The owner's "error" events, as they are delivered (a list that grows)."""
+    events: list[Event] = []
+    owner.add_listener(lambda e: events.append(e) if e.kind == "error" else None)
+    return events

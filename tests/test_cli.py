@@ -23,19 +23,20 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from mutexowner import cli, testing
+from mutexowner import _guard, cli, testing
 from mutexowner.lease import Lease, LeaseKeys, new_token
 from mutexowner.runner import (
+    CLEAN_RESTART_DELAY,
     EXIT_GAVE_UP,
     EXIT_NOT_EXECUTABLE,
     EXIT_NOT_FOUND,
     EXIT_STATUS_FREE,
     EXIT_USAGE,
-    GUARD_SOURCE,
     RunConfig,
     Runner,
     check_command,
     exit_status,
+    guard_command,
     kill_margin,
 )
 from mutexowner.testing import fake_redis
@@ -72,7 +73,7 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[Optio
     [
         ([], ["mutexowner demo", "mutexowner run --redis", "mutexowner status", "exit status:"]),
         (["demo"], ["mutexowner demo --seconds 8 --seed 1", "--redis redis://"]),
-        (["run"], ["mutexowner run --redis redis://", "--once", "exit status:", "143"]),
+        (["run"], ["mutexowner run --redis redis://", "--once", "exit status:", "--skip-ok"]),
         (["status"], ["mutexowner status --redis redis://", "--json", "3 it is free"]),
     ],
 )
@@ -88,7 +89,7 @@ def test_help_of_every_command_has_examples(
 
 def test_main_help_documents_every_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
     _, out, _ = run_main(["--help"], capsys)
-    for code in ("0", "1", "2", "3", "69", "70", "126", "127", "N"):
+    for code in ("0", "1", "2", "3", "69", "70", "75", "126", "127", "N"):
         assert f"\n  {code} " in out, code
     assert "128+S when the command died from signal S" in out
 
@@ -426,16 +427,25 @@ def test_a_failing_command_is_restarted_then_the_run_gives_up(
 
 
 @pytest.mark.timeout(30)
-def test_once_restarts_a_failed_command(make_runner: Callable[..., RunnerUnderTest]) -> None:
-    run = make_runner("exit3", once=True, max_restarts=1)
-    assert run.join() == EXIT_GAVE_UP
+def test_once_exits_with_the_commands_status(make_runner: Callable[..., RunnerUnderTest]) -> None:
+    run = make_runner("exit3", once=True)
+    assert run.join() == 3
+    assert run.runner.statuses == [3]
+
+
+@pytest.mark.timeout(30)
+def test_once_with_restart_on_failure_retries_then_exits_with_the_last_status(
+    make_runner: Callable[..., RunnerUnderTest],
+) -> None:
+    run = make_runner("exit3", once=True, restart="on-failure", max_restarts=1)
+    assert run.join() == 3
     assert run.runner.statuses == [3, 3]
 
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize(
     ("mode", "status", "killed_after_grace"),
-    [("sleep", 143, False), ("term-exit-7", 7, False), ("ignore-term", 137, True)],
+    [("sleep", 0, False), ("term-exit-7", 7, False), ("ignore-term", 137, True)],
 )
 def test_stop_request_stops_the_command_and_returns_its_status(
     mode: str,
@@ -447,7 +457,8 @@ def test_stop_request_stops_the_command_and_returns_its_status(
     run.wait_ready()
     started = time.monotonic()
     run.runner.request_stop(signal.SIGTERM)
-    assert run.join() == status  # 143/7: SIGTERM did it; 137: SIGKILL was needed
+    # 0: it died from our SIGTERM, a clean stop; 7: its own status; 137: SIGKILL was needed
+    assert run.join() == status
     if killed_after_grace:
         assert time.monotonic() - started >= 0.4
     assert not Lease(run.client, "job", ttl=1.0, identity="check").inspect().held
@@ -477,7 +488,7 @@ def test_stopping_the_command_kills_its_whole_process_group(
     pid = int(grandchild[1])
     assert alive(pid)
     run.runner.request_stop()
-    assert run.join() == 143
+    assert run.join() == 0
     assert wait_for(lambda: not alive(pid), 5), "the command's own child survived"
 
 
@@ -498,15 +509,86 @@ def test_lease_lost_stops_the_command_and_it_restarts_when_held_again(
     assert wait_for(lambda: len(run.lines("start")) == 2, 15), "no restart after re-acquiring"
     assert int(run.lines("start")[1][1]) > int(first[1])  # a new fencing token
     run.runner.request_stop()
-    assert run.join() == 143
+    assert run.join() == 0
+
+
+@pytest.fixture
+def subreaper() -> Iterator[None]:
+    """This process adopts orphans and never reaps them by itself: a PID 1 that is no init."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_CHILD_SUBREAPER is Linux only")
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(36, 1, 0, 0, 0) == 0
+    try:
+        yield
+    finally:
+        libc.prctl(36, 0, 0, 0, 0)
+
+
+@pytest.mark.timeout(30)
+def test_stopping_does_not_wait_for_zombies(
+    subreaper: None, make_runner: Callable[..., RunnerUnderTest], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 14: as PID 1 without an init every stop waited the whole --grace for zombies."""
+    run = make_runner("grandchild", ttl=30.0, grace=8.0)
+    run.wait_ready()
+    (grandchild,) = run.lines("grandchild")
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="mutexowner"):
+        run.runner.request_stop(signal.SIGTERM)
+        assert run.join() == 0
+    assert time.monotonic() - started < 4.0  # not the 8 s grace
+    assert "sending SIGKILL" not in caplog.text
+    assert not alive(int(grandchild[1]))
+
+
+@pytest.mark.timeout(30)
+def test_restart_never_ends_the_run_with_the_commands_status(
+    make_runner: Callable[..., RunnerUnderTest],
+) -> None:
+    run = make_runner("exit4", restart="never")
+    assert run.join() == 4
+    assert run.runner.statuses == [4]
+    assert not Lease(run.client, "job", ttl=1.0, identity="check").inspect().held
+
+
+@pytest.mark.timeout(30)
+def test_a_command_that_exits_0_is_not_restarted_by_default(
+    make_runner: Callable[..., RunnerUnderTest], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="mutexowner"):
+        run = make_runner("exit0")
+        assert run.join() == 0
+    assert run.runner.statuses == [0]
+    assert "unexpectedly" not in caplog.text and "giving up" not in caplog.text
+
+
+@pytest.mark.timeout(30)
+def test_restart_always_restarts_a_clean_exit_without_a_tight_loop(
+    make_runner: Callable[..., RunnerUnderTest], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="mutexowner"):
+        run = make_runner("exit0", restart="always", max_restarts=0)
+        assert wait_for(lambda: len(run.lines("start")) >= 2, 10)
+        run.runner.request_stop(signal.SIGTERM)
+        assert run.join() == 0
+    assert len(run.lines("start")) >= 2  # clean exits are not counted against --max-restarts 0
+    started = [r.created for r in caplog.records if "started the command" in r.getMessage()]
+    assert len(started) >= 2
+    assert all(b - a >= CLEAN_RESTART_DELAY * 0.9 for a, b in zip(started, started[1:]))
+    restarts = [r for r in caplog.records if "starting it again" in r.getMessage()]
+    assert restarts and all(r.levelno == logging.INFO for r in restarts)
+    assert len(restarts) in (run.runner.starts - 1, run.runner.starts)  # one line each
 
 
 # -- the guard process ---------------------------------------------------------------------
 
 
-def guard_command(read_end: int) -> list[str]:
+def guard_argv(read_end: int, deadline_in: float = 3600.0) -> list[str]:
     """The guard's command line, as ``Runner`` builds it, before the command itself."""
-    return [sys.executable, "-I", "-S", "-c", GUARD_SOURCE, str(read_end)]
+    return guard_command(read_end, _guard.now() + deadline_in, 0.5, 0.25)
 
 
 @pytest.mark.timeout(30)
@@ -514,7 +596,7 @@ def test_guard_kills_the_command_group_when_its_parent_is_gone(tmp_path: Path) -
     out = tmp_path / "child.log"
     read_end, write_end = os.pipe()
     guard = subprocess.Popen(
-        [*guard_command(read_end), sys.executable, "-c", CHILD, str(out), "grandchild"],
+        [*guard_argv(read_end), sys.executable, "-c", CHILD, str(out), "grandchild"],
         pass_fds=(read_end,),
         start_new_session=True,
         env={
@@ -548,7 +630,7 @@ def test_guard_exits_with_the_commands_status(mode: str, returncode: int, tmp_pa
     read_end, write_end = os.pipe()
     try:
         guard = subprocess.run(
-            [*guard_command(read_end), sys.executable, "-c", CHILD, str(tmp_path / "log"), mode],
+            [*guard_argv(read_end), sys.executable, "-c", CHILD, str(tmp_path / "log"), mode],
             pass_fds=(read_end,),
             env={
                 **os.environ,
@@ -569,7 +651,7 @@ def test_guard_reports_a_command_it_cannot_execute(tmp_path: Path) -> None:
     read_end, write_end = os.pipe()
     try:
         guard = subprocess.run(
-            [*guard_command(read_end), "no-such-cmd-xyz"],
+            [*guard_argv(read_end), "no-such-cmd-xyz"],
             pass_fds=(read_end,),
             capture_output=True,
             text=True,
@@ -598,6 +680,32 @@ def test_module_entry_point_exits_with_mains_status() -> None:
     assert result.returncode == EXIT_USAGE
     assert "redis://alice:***@127.0.0.1:1/0" in result.stderr
     assert PASSWORD not in result.stdout + result.stderr
+
+
+def test_python_dash_m_mutexowner_works_and_names_redis_url() -> None:
+    env = {**os.environ, "REDIS_URL": "localhost:6379"}  # no scheme: refused
+    result = subprocess.run(
+        [sys.executable, "-m", "mutexowner", "run", "--key", "k", "--", "true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert "$REDIS_URL" in result.stderr and "--redis" not in result.stderr
+
+
+@pytest.mark.parametrize("check", [False, True])
+def test_status_names_redis_url_when_the_url_came_from_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], check: bool
+) -> None:
+    monkeypatch.setenv("REDIS_URL", "localhost:6379")  # no scheme: refused
+    code = cli.main(["status", "--key", "k", *(["--check"] if check else [])])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert "$REDIS_URL must be" in err and "--redis must be" not in err
 
 
 def test_help_text_is_printed_by_the_console_script_too() -> None:

@@ -109,9 +109,18 @@ def test_check_redis_runs_ping_script_exists_and_the_read_only_script() -> None:
     client = fake_redis("job")
     result = check_redis(LeaseReader(client, "job"))
     assert result.ok
-    assert [step for step, _, _ in result.steps] == ["PING", "SCRIPT EXISTS", "inspect script"]
+    assert [step for step, _, _ in result.steps] == [
+        "PING",
+        "SCRIPT EXISTS",
+        "inspect script",
+        "permissions",
+    ]
     assert result.lines()[0] == "ok   PING: PONG"
     assert "lease scripts cached by Redis" in result.lines()[1]
+    # fakeredis runs no INFO inside a script: reported as a degraded mode, not a failure.
+    assert result.lines()[3].startswith("ok   permissions: user default:")
+    assert "does not run INFO inside a script" in result.lines()[3]
+    assert "without +info:" in result.lines()[3]
 
     failed = check_redis(LeaseReader(CLOSED_URL, "job", timeout=0.5))
     assert not failed.ok and len(failed.steps) == 1

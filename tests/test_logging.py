@@ -20,6 +20,7 @@ def test_transitions_lines_about_our_machines_are_dropped_but_others_are_kept(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="mutexowner")  # whatever an earlier test left there
     clock = FakeClock()
     owner = MutexOwner(fake_redis("job"), "job", ttl=10, clock=clock)
     driver = OwnerDriver(owner, clock)

@@ -157,7 +157,7 @@ def bind(
     sup: Supervisor, clock: FakeClock, guard: Optional[Guard] = None, hook: Any = None
 ) -> Hook:
     recorder = hook if hook is not None else Hook(sup, clock)
-    sup._bind(
+    sup.attach(
         clock=clock, guard=guard if guard is not None else Guard(None), key="job", hook=recorder
     )
     return recorder
@@ -778,7 +778,7 @@ def test_bound_supervisor_stops_workers_shutdown_timeout_before_the_deadline(
     run = w.run(0)
     clock.advance(5.0)
     guard.until = 1020.0  # a renewal moved the deadline
-    sup._lease_changed()
+    sup.lease_changed()
     clock.advance(12.9375)  # 1017.9375: just before 1020 - 2 (binary-exact steps)
     assert wait_for(lambda: parked(sup))
     clock.advance(0.0625)

@@ -13,14 +13,14 @@ import math
 import pkgutil
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 import redis
 
 from mutexowner.connection import client_from, describe_client, redact_text, redact_url
 from mutexowner.errors import MutexOwnerError
 from mutexowner.lease import validate_name
-from mutexowner.owner import OUTAGE_MODES, STUCK_POLICIES, MutexOwner, StuckPolicy
+from mutexowner.owner import OUTAGE_MODES, STUCK_POLICIES, MutexOwner, OutageMode, StuckPolicy
 from mutexowner.supervisor import Supervisor
 from mutexowner.timing import LeaseTiming, TimingError, TimingNames
 
@@ -55,6 +55,7 @@ DEFAULT_SHUTDOWN_TIMEOUT = 5.0
 
 WorkerTarget = Callable[..., Any]
 Namer = Callable[[str], str]
+Choice = TypeVar("Choice", bound=str)
 #: Wraps each configured worker (Django closes DB connections, Flask pushes an app context).
 WorkerWrapper = Callable[[WorkerTarget], WorkerTarget]
 #: Imports a dotted path (``"package.module.attribute"``); raises ImportError.
@@ -98,7 +99,7 @@ class OwnerSettings:
     max_restarts: int = 3
     max_seconds: float = 5.0
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
-    outage: str = "step_down"
+    outage: OutageMode = "step_down"
     stuck_worker_policy: StuckPolicy = "exit"
     autostart: bool = False
     prefix: str = "mutexowner"
@@ -321,14 +322,15 @@ class _Reader:
             workers.append((name, target))
         return tuple(workers)
 
-    def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
+    def choice(self, key: str, default: Choice, allowed: tuple[Choice, ...]) -> Choice:
         value = self.values.get(key, default)
-        if value not in allowed:
-            raise self.fail(
-                f"{self.name(key)} must be one of {', '.join(map(repr, allowed))}, got {value!r}",
-                key=key,
-            )
-        return str(value)
+        for option in allowed:
+            if value == option:
+                return option
+        raise self.fail(
+            f"{self.name(key)} must be one of {', '.join(map(repr, allowed))}, got {value!r}",
+            key=key,
+        )
 
     def stuck_policy(self) -> StuckPolicy:
         key = "STUCK_WORKER_POLICY"

@@ -162,7 +162,7 @@ def test_cli_check_and_status(exampleapp: Any, apps: list[Flask], tmp_path: Path
     assert described["key"] == KEY and described["workers"] == ["exampleapp.workers.heartbeat"]
     assert document["redis"]["ok"] is True
     steps = [step["step"] for step in document["redis"]["steps"]]
-    assert steps == ["PING", "SCRIPT EXISTS", "inspect script"]
+    assert steps == ["PING", "SCRIPT EXISTS", "inspect script", "permissions"]
     result = runner.invoke(args=["mutexowner", "check"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("settings: valid\n") and "redis: ok" in result.output

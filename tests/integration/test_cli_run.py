@@ -23,7 +23,7 @@ import pytest
 
 from mutexowner import cli
 from mutexowner.lease import LeaseKeys
-from mutexowner.runner import EXIT_GAVE_UP, EXIT_STATUS_FREE, EXIT_USAGE
+from mutexowner.runner import EXIT_GAVE_UP, EXIT_SKIPPED, EXIT_STATUS_FREE, EXIT_USAGE
 from tests.helpers import alive, wait_for
 from tests.redis_server import RedisServer
 
@@ -113,7 +113,9 @@ class Fleet:
     def records(self, kind: Optional[str] = None) -> list[Record]:
         if not self.log.exists():
             return []
-        lines = [Record(line) for line in self.log.read_text().splitlines() if line.strip()]
+        # A read can see the end of a line that is still being appended: complete lines only.
+        complete = self.log.read_text().split("\n")[:-1]
+        lines = [Record(line) for line in complete if line.strip()]
         return [r for r in lines if kind is None or r.kind == kind]
 
     def starts_by(self, identity: str) -> list[Record]:
@@ -322,3 +324,131 @@ def test_status_command_with_a_password_never_prints_it(fleet: Fleet) -> None:
     assert proc.wait(20) == 0
     assert "started the command" in fleet.stderr("A")
     assert PASSWORD not in fleet.stderr("A")
+
+
+# -- a frozen `mutexowner run` (issue 10, item 1) ------------------------------------------
+
+
+def _runner_state(pid: int) -> Optional[str]:
+    from tests.redis_server import proc_state
+
+    return proc_state(pid)
+
+
+@pytest.mark.timeout(90)
+def test_a_frozen_run_never_lets_two_commands_run_and_the_standby_takes_over(
+    fleet: Fleet,
+) -> None:
+    """SIGSTOP the holder's `mutexowner run` for 3 ttl: its guard stops the command by the
+    lease deadline on its own clock, the standby takes over, and nothing ever overlaps."""
+    fleet.start("A")
+    assert wait_for(lambda: bool(fleet.records("start")), 30), fleet.stderr("A")
+    fleet.start("B")
+    assert wait_for(lambda: len(fleet.records("beat")) >= 5, 10)
+    first = fleet.records("start")[0]
+    holder, standby = first.identity, "B" if first.identity == "A" else "A"
+    frozen = fleet.procs[holder]
+    frozen.send_signal(signal.SIGSTOP)
+    assert wait_for(lambda: _runner_state(frozen.pid) == "T", 5)
+    frozen_at = time.monotonic()
+    try:
+        # The command of the frozen run ends before its lease could have expired in Redis.
+        assert wait_for(lambda: not alive(first.pid), TTL + 2), "the command outlived its lease"
+        assert time.monotonic() - frozen_at < TTL
+        assert wait_for(lambda: bool(fleet.starts_by(standby)), 3 * TTL), fleet.stderr(standby)
+        remaining = 3 * TTL - (time.monotonic() - frozen_at)
+        if remaining > 0:
+            assert not wait_for(lambda: bool(fleet.records("overlap")), remaining)
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    fleet.assert_never_two_at_once()
+    # Thawed, the old holder finds its lease gone and waits as a standby; nothing restarts.
+    assert wait_for(lambda: "lost" in fleet.stderr(holder) or "expired" in fleet.stderr(holder), 10)
+    assert frozen.poll() is None
+    assert len(fleet.starts_by(holder)) == 1
+    for identity in (holder, standby):
+        fleet.procs[identity].send_signal(signal.SIGTERM)
+    assert frozen.wait(20) == 0, fleet.stderr(holder)
+    assert fleet.procs[standby].wait(20) == 0, fleet.stderr(standby)
+    assert len(fleet.starts_by(holder)) == 1
+    fleet.assert_never_two_at_once()
+    assert _status(fleet.url)[0] == EXIT_STATUS_FREE
+
+
+# -- signals and exit codes (issue 14, item 2) ---------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_requested_stop_is_clean_and_releases_at_once(fleet: Fleet, signum: int) -> None:
+    proc = fleet.start("A")  # the command exits 0 on SIGTERM
+    assert wait_for(lambda: len(fleet.records("beat")) >= 3, 30), fleet.stderr("A")
+    (start,) = fleet.records("start")
+    proc.send_signal(signum)
+    assert proc.wait(20) == 0, fleet.stderr("A")
+    assert f"{signal.Signals(signum).name} received" in fleet.stderr("A")
+    assert fleet.records("end")  # it got SIGTERM and ended cleanly, not SIGKILL
+    assert not alive(start.pid)
+    assert _status(fleet.url)[0] == EXIT_STATUS_FREE  # released, not left to expire
+
+
+@pytest.mark.timeout(60)
+def test_terminal_stop_signals_do_not_freeze_the_run(fleet: Fleet) -> None:
+    proc = fleet.start("A")
+    assert wait_for(lambda: len(fleet.records("beat")) >= 3, 30), fleet.stderr("A")
+    for signum in (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+        proc.send_signal(signum)
+    # A stopped process would not act on SIGTERM: a clean exit proves it kept running.
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0, fleet.stderr("A")
+    assert len(fleet.records("start")) == 1
+    assert _status(fleet.url)[0] == EXIT_STATUS_FREE
+
+
+# -- run once, on one host (issue 14, item 1) ----------------------------------------------
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    ("seeded", "skip_ok"),
+    [(True, False), (False, True)],
+    ids=["redis-knows-the-lease", "fresh-redis-lock-delay"],
+)
+def test_three_hosts_with_once_and_wait_0_run_the_job_exactly_once(
+    redis_server: RedisServer, tmp_path: Path, seeded: bool, skip_ok: bool
+) -> None:
+    fleet = Fleet(redis_server, tmp_path, key="nightly")
+    if not seeded:  # a Redis with no record of the lease: the first holder waits one ttl
+        redis_server.client().delete(LeaseKeys("nightly").epoch)
+    hold = 3.0
+    extra = ["--once", "--wait", "0", "--hold-at-least", str(hold)]
+    if skip_ok:
+        extra.append("--skip-ok")
+    try:
+        procs = [fleet.start(name, *extra, mode="once") for name in ("A", "B", "C")]
+        codes = {name: proc.wait(30) for name, proc in zip("ABC", procs)}
+        done_at = time.monotonic()
+        logs = "".join(fleet.stderr(n) for n in "ABC")
+        (start,) = fleet.records("start")  # the job ran exactly once
+        ran = start.identity
+        assert codes[ran] == 0, logs
+        skipped = [n for n in "ABC" if n != ran]
+        assert [codes[n] for n in skipped] == [0 if skip_ok else EXIT_SKIPPED] * 2, logs
+        for name in skipped:
+            assert "held elsewhere" in fleet.stderr(name)
+        # The holder kept the lease --hold-at-least after the job started, then released it.
+        assert done_at - start.at >= hold * 0.9
+        assert "keeping the lease" in fleet.stderr(ran)
+        assert _status(fleet.url, "nightly")[0] == EXIT_STATUS_FREE
+    finally:
+        fleet.close()
+
+
+@pytest.mark.timeout(60)
+def test_once_exits_with_the_commands_own_status(fleet: Fleet) -> None:
+    proc = fleet.start("A", "--once", env={"CHILD_EXIT_ON_TERM": "5"}, mode="loop")
+    assert wait_for(lambda: len(fleet.records("beat")) >= 3, 30), fleet.stderr("A")
+    os.kill(fleet.records("start")[0].pid, signal.SIGTERM)  # from outside: its own exit 5
+    assert proc.wait(20) == 5, fleet.stderr("A")
+    assert len(fleet.records("start")) == 1
+    assert _status(fleet.url)[0] == EXIT_STATUS_FREE

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
 import pytest
@@ -63,15 +62,6 @@ def supervised_owner(
         **kwargs,
     )
     return owner, worker
-
-
-@pytest.fixture
-def owners() -> Iterator[list[MutexOwner]]:
-    """Owners registered here are stopped at teardown, whatever happened in the test."""
-    started: list[MutexOwner] = []
-    yield started
-    for owner in started:
-        owner.stop(timeout=10)
 
 
 # -- hand-off, kill -9 -------------------------------------------------------------------------
