@@ -76,7 +76,7 @@ from hypothesis.stateful import (
 
 from mutexowner import BackoffPolicy, Event, MutexOwner, Supervisor, WorkerContext
 from mutexowner.lease import Lease, LeaseKeys, classify_error
-from mutexowner.testing import FakeClock, OwnerDriver, crash, mark_epoch
+from mutexowner.testing import FakeClock, OwnerDriver, crash, fake_redis, mark_epoch
 from tests.helpers import wait_for
 
 NAME = "job"
@@ -192,6 +192,17 @@ def test_fake_server_clock_and_run_id_drive_expiry_and_the_epoch() -> None:
         assert lease.acquire("t2").lock_delay == pytest.approx(TTL)  # type: ignore[union-attr]
 
 
+def test_driver_finished_tells_when_the_owner_stopped_for_good() -> None:
+    clock = FakeClock()
+    owner = MutexOwner(fake_redis(NAME), NAME, ttl=TTL, clock=clock)
+    driver = OwnerDriver(owner, clock)
+    driver.step()
+    assert owner.holding and not driver.finished
+    owner.stop()  # only requested: the driver completes it
+    assert not driver.finished
+    assert driver.stop() and driver.finished
+
+
 # -- faults on the wire ---------------------------------------------------------------------
 
 FAULT_KINDS = ("lost_request", "lost_reply", "late_reply", "late_request", "delayed_request")
@@ -241,7 +252,7 @@ class Party:
 
     @property
     def live(self) -> bool:
-        return not self.crashed and not self.owner._final
+        return not self.crashed and not self.driver.finished
 
 
 class Violation(AssertionError):
@@ -351,7 +362,7 @@ class LeaseModel(RuleBasedStateMachine):
     def _listener(self, party: Party) -> Callable[[Event], None]:
         def listener(event: Event) -> None:
             party.events.append(event)
-            if party.owner._final:
+            if party.driver.finished:
                 party.events_after_final.append(event.kind)
             if event.kind == "acquired":
                 party.periods += 1
@@ -528,7 +539,7 @@ class LeaseModel(RuleBasedStateMachine):
                 continue  # the server they were sent to is gone
             with contextlib.suppress(Exception):
                 real(script, keys=keys, args=args)
-            if party.owner._final and not party.crashed:
+            if party.driver.finished and not party.crashed:
                 party.late_write_after_stop = True
         self._check()
 
@@ -545,7 +556,7 @@ class LeaseModel(RuleBasedStateMachine):
     def crash(self, index: int) -> None:
         """The owner's process dies (kill -9): nothing is released."""
         party = self._party(index)
-        if party.crashed or party.owner._final:
+        if party.crashed or party.driver.finished:
             return
         crash(party.owner)
         party.crashed = True
@@ -747,7 +758,7 @@ class LeaseModel(RuleBasedStateMachine):
                     f"not completed at t={now:.3f} (state {owner.state})",
                 )
             # 5. a completed stop leaves no key of the owner behind, and no event after it
-            if owner._final and not party.crashed:
+            if party.driver.finished and not party.crashed:
                 if party.events_after_final:
                     self._violation(
                         "event after stopped",
