@@ -775,7 +775,7 @@ class LeaseModel(RuleBasedStateMachine):
                     how = party.last_call.get(key_token, "?")
                     if how.endswith("stop pending"):
                         tag = f"key left after stop: {how.split(',')[0]} during stop"
-                    elif owner._lost_reason == "expired":
+                    elif [e.reason for e in party.events if e.kind == "lost"][-1:] == ["expired"]:
                         tag = "key left after stop: lease expired locally"
                     else:
                         tag = "key left after stop"
