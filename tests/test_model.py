@@ -251,6 +251,8 @@ class Party:
     stop_requested_at: Optional[float] = None
     #: A request of this owner reached Redis after its stop completed (network delay).
     late_write_after_stop: bool = False
+    #: Tokens of this owner's requests that reached Redis late (after the caller gave up).
+    delivered_late: set[str] = field(default_factory=set)
     periods: int = 0  # holding periods begun ("acquired" events)
     events_after_final: list[str] = field(default_factory=list)
 
@@ -268,9 +270,14 @@ class Violation(AssertionError):
 
 
 #: Violations (by tag) of bugs that are known and not fixed yet, each pinned by a strict
-#: xfail replay below: the model tolerates them so that it can look for others (none now).
+#: xfail replay below: the model tolerates them so that it can look for others.
 #: ``MUTEXOWNER_MODEL_STRICT=1`` tolerates none.
-KNOWN_UNFIXED: frozenset[str] = frozenset()
+KNOWN_UNFIXED: frozenset[str] = frozenset(
+    {
+        # test_model_acquire_delayed_in_the_network_then_stop
+        "key left after stop: a request delayed in the network",
+    }
+)
 if os.environ.get("MUTEXOWNER_MODEL_STRICT", "").strip() in ("1", "true", "yes"):
     KNOWN_UNFIXED = frozenset()
 
@@ -545,6 +552,8 @@ class LeaseModel(RuleBasedStateMachine):
                 real(script, keys=keys, args=args)
             if party.driver.finished and not party.crashed:
                 party.late_write_after_stop = True
+            elif args:
+                party.delivered_late.add(args[0])
         self._check()
 
     # -- rules: the owners' lives -----------------------------------------------------------
@@ -777,7 +786,9 @@ class LeaseModel(RuleBasedStateMachine):
                     and pttl > owner.drift * 1000
                 ):
                     how = party.last_call.get(key_token, "?")
-                    if how.endswith("stop pending"):
+                    if key_token in party.delivered_late:
+                        tag = "key left after stop: a request delayed in the network"
+                    elif how.endswith("stop pending"):
                         tag = f"key left after stop: {how.split(',')[0]} during stop"
                     elif [e.reason for e in party.events if e.kind == "lost"][-1:] == ["expired"]:
                         tag = "key left after stop: lease expired locally"
@@ -924,5 +935,26 @@ def test_model_stuck_worker_policy_raising_system_exit() -> None:
         model.redis_down(seconds=TTL)
         model.run_for(seconds=2 * TTL)  # deadline: workers told to stop, stuck; policy applied
         model.workers_stuck(index=0, stuck=False)
+
+    replay(steps)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=Violation,
+    reason="bug (found by the model on main, issue 10 item 4 class): an acquire request "
+    "delayed in the network reaches Redis after a later call with the same token was "
+    "answered 'taken'; the owner forgot that token, so its stop does not release the key, "
+    "which stays held for a full ttl",
+)
+def test_model_acquire_delayed_in_the_network_then_stop() -> None:
+    def steps(model: LeaseModel) -> None:
+        model.make_owners(supervised=[False, False])
+        model.first_faults(faults=[Fault("delayed_request"), None, None])
+        model.run_for(seconds=RENEW)  # O0's acquire times out, O1 holds, O0 retries: "taken"
+        model.delete_key()  # the key becomes free (by hand here; O1's release would do)
+        model.deliver_delayed_requests()  # O0's first acquire reaches Redis: O0's token
+        model.stop(index=0)
+        model.run_for(seconds=0.1)  # O0 ends stopped without releasing its token
 
     replay(steps)
