@@ -97,6 +97,11 @@ class OwnerDriver:
                 raise RuntimeError("the owner is already running with its own thread")
             owner._begin()
 
+    @property
+    def finished(self) -> bool:
+        """True once the owner has stopped for good (its stop completed, or it crashed)."""
+        return self.owner._finished
+
     def step(self) -> Optional[float]:
         """Run one turn of the machine at the current fake time; seconds until it is due again."""
         self.settle_workers()
