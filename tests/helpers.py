@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from mutexowner import Event, MutexOwner
+from mutexowner.clock import default_clock
 from tests.redis_server import poll, proc_state
 
 #: How long a test waits for a real thread to reach an observable condition.
@@ -49,3 +50,17 @@ def errors_of(owner: MutexOwner) -> list[Event]:
     events: list[Event] = []
     owner.add_listener(lambda e: events.append(e) if e.kind == "error" else None)
     return events
+
+
+def stop_to_acquired(a: MutexOwner, b: MutexOwner, ttl: float) -> float:
+    """A holds and B waits: stop A, wait for B to hold; seconds from A's ``stop()`` call to
+    B's ``acquired`` event (the owners' clock, which stamps their events). Stops B too."""
+    acquired: list[float] = []
+    b.add_listener(lambda e: acquired.append(e.time) if e.kind == "acquired" else None)
+    stop_called = default_clock()
+    assert a.stop(timeout=5)
+    assert b.wait_until_holding(ttl + 5), b.status()
+    # Listeners are called from the events thread, maybe after wait_until_holding returns.
+    assert poll(lambda: bool(acquired), 5), b.status()
+    assert b.stop(timeout=5)
+    return acquired[0] - stop_called

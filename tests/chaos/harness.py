@@ -209,14 +209,32 @@ class ChaosRig:
         appendonly: bool = False,
         proxied: bool = True,
     ) -> None:
-        self.config = config or ChaosConfig()
-        self.t0 = time.monotonic()
         options: dict[str, Any] = {}
         if appendonly:
             options.update(appendonly=True, appendfsync="always")
-        self.server = redis_factory(**options)
-        self.store_server = redis_factory()
-        self.store = FenceStore(self.store_server.client())
+        self._setup(
+            config or ChaosConfig(),
+            redis_factory(**options),
+            redis_factory(),
+            tmp_path,
+            proxied=proxied,
+        )
+
+    def _setup(
+        self,
+        config: ChaosConfig,
+        server: RedisServer,
+        store_server: RedisServer,
+        tmp_path: Path,
+        *,
+        proxied: bool,
+    ) -> None:
+        """What every rig has: the Redis under test, the fencing store, the ledger."""
+        self.config = config
+        self.t0 = time.monotonic()
+        self.server = server
+        self.store_server = store_server
+        self.store = FenceStore(store_server.client())
         self.ledger_dir = tmp_path / "ledger"
         self.ledger_dir.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(self.ledger_dir)

@@ -23,9 +23,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tests.chaos import checker
-from tests.chaos.fence_store import FenceStore
 from tests.chaos.harness import ChaosConfig, ChaosRig, OwnerProcess
-from tests.chaos.ledger import Ledger
 from tests.redis_server import LOOPBACK, RedisServer, poll
 
 __all__ = [
@@ -286,21 +284,10 @@ class HaRig(ChaosRig):
         config: HaConfig,
     ) -> None:
         # Not ChaosRig.__init__: the Redis under test is a topology, not one server.
-        self.config = config
+        self._setup(config, topology.nodes[0], store_server, tmp_path, proxied=False)
+        self.config: HaConfig = config
         self.topology = topology
         self.url: str = topology.url
-        self.t0 = time.monotonic()
-        self.server = topology.nodes[0]
-        self.store_server = store_server
-        self.store = FenceStore(store_server.client())
-        self.ledger_dir = tmp_path / "ledger"
-        self.ledger_dir.mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(self.ledger_dir)
-        self.proxied = False
-        self.owners: dict[str, OwnerProcess] = {}
-        self.faults: list[checker.Fault] = []
-        self._serial = 0
-        self._admin: Optional[redis.Redis] = None
 
     def spawn(self, identity: Optional[str] = None) -> OwnerProcess:
         self._serial += 1

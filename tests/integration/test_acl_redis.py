@@ -19,10 +19,9 @@ from redis import exceptions as rex
 
 from mutexowner import BackoffPolicy, Event, MutexOwner, cli
 from mutexowner.acl import acl_rules, lease_commands, users_acl_line
-from mutexowner.clock import default_clock
 from mutexowner.lease import LeaseKeys
 from mutexowner.testing import mark_epoch
-from tests.helpers import errors_of
+from tests.helpers import errors_of, stop_to_acquired
 from tests.redis_server import RedisServer, poll, redis_server_version
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
@@ -61,16 +60,7 @@ def hand_off(url: str, owners: list[MutexOwner], ttl: float) -> tuple[float, lis
     assert a.wait_until_holding(10), a.status()
     b.start()
     assert poll(lambda: (b.status().next_attempt_in or 0) > ttl / 4, 10), b.status()
-    acquired: list[float] = []
-    b.add_listener(lambda e: acquired.append(e.time) if e.kind == "acquired" else None)
-    stop_called = default_clock()  # the owners' clock, which stamps their events
-    assert a.stop(timeout=5)
-    assert b.wait_until_holding(ttl + 5), b.status()
-    # Listeners are called from the events thread, maybe after wait_until_holding returns.
-    assert poll(lambda: bool(acquired), 5), b.status()
-    assert b.stop(timeout=5)
-    # From A's stop() call (A steps down, releases, notifies) to B holding.
-    took = acquired[0] - stop_called
+    took = stop_to_acquired(a, b, ttl)
     return took, errors_a + errors_b
 
 

@@ -19,10 +19,9 @@ import redis
 from redis.connection import SSLConnection
 
 from mutexowner import BackoffPolicy, Event, MutexOwner, cli
-from mutexowner.clock import default_clock
 from mutexowner.lease import LeaseKeys
 from mutexowner.testing import mark_epoch
-from tests.helpers import errors_of
+from tests.helpers import errors_of, stop_to_acquired
 from tests.redis_server import RedisServer, free_port, poll
 from tests.tls import Pki, make_pki, openssl
 
@@ -78,16 +77,7 @@ def hand_off(url: str, owners: list[MutexOwner], ttl: float = 5.0) -> tuple[floa
     # port could not have worked, but check the settings too).
     for owner in (a, b):
         assert_tls_client(owner._client, Path(url.split("ssl_ca_certs=")[1].split("&")[0]))
-    acquired: list[float] = []
-    b.add_listener(lambda e: acquired.append(e.time) if e.kind == "acquired" else None)
-    stop_called = default_clock()  # the owners' clock, which stamps their events
-    assert a.stop(timeout=5)
-    assert b.wait_until_holding(ttl + 5), b.status()
-    # Listeners are called from the events thread, maybe after wait_until_holding returns.
-    assert poll(lambda: bool(acquired), 5), b.status()
-    assert b.stop(timeout=5)
-    # From A's stop() call (A steps down, releases, notifies) to B holding.
-    took = acquired[0] - stop_called
+    took = stop_to_acquired(a, b, ttl)
     return took, errors[0] + errors[1]
 
 
