@@ -64,7 +64,7 @@ def _decided(owner: MutexOwner) -> Optional[str]:
         return "stopped"
     if st.consecutive_errors > 0:
         return "unavailable"
-    if st.next_attempt_in and not st.lock_delay_remaining:
+    if st.next_attempt_in and st.lock_delay_remaining is None:
         return "taken"
     return None
 

@@ -738,8 +738,10 @@ class MutexOwner:
         state = self._fsm_state
         if state == m.SETTLING and self._settle_until is not None:
             return max(0.0, self._settle_until - now)
-        if state == m.ACQUIRING and self._quiet_until is not None and now < self._quiet_until:
-            return self._quiet_until - now
+        if state == m.ACQUIRING and self._quiet_until is not None:
+            # 0 once the quiet period has passed, until the look that follows it is answered:
+            # until then nobody knows who gets the key.
+            return max(0.0, self._quiet_until - now)
         return None
 
     def _holding_now(self, now: float) -> bool:

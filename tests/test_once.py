@@ -150,6 +150,8 @@ class _Snapshot:
         ("acquiring", {}, None),  # first attempt not answered yet
         ("acquiring", {"next_attempt_in": 1.5}, "taken"),
         ("acquiring", {"next_attempt_in": 1.5, "lock_delay_remaining": 1.5}, None),  # quiet
+        # The quiet period has just passed; the look after it is not answered yet.
+        ("acquiring", {"next_attempt_in": 0.0005, "lock_delay_remaining": 0.0}, None),
         ("acquiring", {"consecutive_errors": 1, "next_attempt_in": 0.5}, "unavailable"),
         # One snapshot: a holder's next renewal is not a "taken" answer.
         ("holding", {"next_attempt_in": 0.6}, "ours"),
@@ -163,3 +165,25 @@ def test_what_one_status_snapshot_decides(
     from mutexowner.once import _decided
 
     assert _decided(_Snapshot(state, **fields)) == decided  # type: ignore[arg-type]
+
+
+def test_after_a_quiet_period_no_host_decides_taken_before_its_next_look() -> None:
+    # Every host of a fresh Redis is told "quiet" for one ttl, then looks again ~1 ms after
+    # it ends. In that gap a status snapshot used to read "taken" (next attempt pending, no
+    # lock-delay left), so under load all three hosts of `run --once --wait 0` skipped the job
+    # (seen in CI). The owner now reports 0 s of lock-delay until that look is answered.
+    from mutexowner import MutexOwner
+    from mutexowner.once import _decided
+    from mutexowner.testing import FakeClock, OwnerDriver
+
+    clock = FakeClock()
+    owner = MutexOwner(fake_redis(), "nightly", ttl=10, clock=clock)
+    driver = OwnerDriver(owner, clock)
+    driver.step()  # a fresh server: "quiet", look again when the quiet period ends
+    delay = owner.status().lock_delay_remaining
+    assert delay is not None and delay > 0 and _decided(owner) is None
+    clock.advance(delay + 0.0005)  # past the quiet period, before the look after it
+    status = owner.status()
+    assert status.next_attempt_in and status.lock_delay_remaining == 0.0
+    assert _decided(owner) is None
+    driver.stop()
