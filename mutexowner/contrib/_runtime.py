@@ -336,9 +336,9 @@ def lease_report(
 def check_report(
     settings: OwnerSettings, out: TextIO, *, as_json: bool = False, timeout: float = 2.0
 ) -> int:
-    """Print the validated settings (password hidden), then test Redis: PING, SCRIPT EXISTS
-    and a read-only lease script call (``inspection.check_redis``). 0 when Redis passed,
-    ``STATUS_ERROR`` (2) otherwise."""
+    """Print the validated settings (password hidden), then test Redis: PING, SCRIPT EXISTS,
+    a read-only lease script call and the lease user's permissions
+    (``inspection.check_redis``). 0 when Redis passed, ``STATUS_ERROR`` (2) otherwise."""
     reader = LeaseReader(
         settings.redis,
         settings.key,
