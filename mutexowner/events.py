@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
-__all__ = ["Event", "EventDispatcher", "EventKind", "Listener"]
+__all__ = ["Event", "EventDispatcher", "EventKind", "EventThread", "Listener"]
 
 log = logging.getLogger("mutexowner.events")
 
@@ -56,8 +56,81 @@ Listener = Callable[[Event], object]
 _STOP = object()
 
 
+class EventThread:
+    """One thread that runs tasks in order: the events and log lines of every lease of an
+    engine. A task that raises (even SystemExit) is logged and the thread carries on."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+        self._stopping = False
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+
+    @property
+    def thread(self) -> Optional[threading.Thread]:
+        return self._thread
+
+    def submit(self, task: Callable[[], object]) -> None:
+        """Run ``task`` on the thread, after everything submitted before it."""
+        self._queue.put(task)
+
+    def drain(self, timeout: Optional[float]) -> bool:
+        """Wait until everything submitted so far has run; False on timeout (or when called
+        from the thread itself, which cannot wait for itself)."""
+        if self.on_its_thread():
+            return False
+        with self._lock:
+            stopping = self._stopping
+            if not stopping:
+                done = threading.Event()
+                self._queue.put(done.set)
+        if stopping:  # everything before the stop runs before the thread ends
+            thread = self._thread
+            if thread is not None:
+                thread.join(timeout)
+            return thread is None or not thread.is_alive()
+        return done.wait(timeout)
+
+    def stop(self, timeout: Optional[float] = None) -> bool:
+        """Run what is queued, then end the thread. True if it ended within ``timeout``."""
+        thread = self._thread
+        if thread is None:
+            return True
+        with self._lock:
+            if not self._stopping:
+                self._stopping = True
+                self._queue.put(_STOP)
+        if thread is threading.current_thread():
+            return False
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    def on_its_thread(self) -> bool:
+        thread = self._thread
+        return thread is not None and thread is threading.current_thread()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            try:
+                if callable(item):
+                    item()
+            except BaseException:  # the thread must outlive anything it runs
+                log.debug("event task failed on %s", self._name, exc_info=True)
+
+
 class EventDispatcher:
-    """Delivers events to listeners, in order, on its own thread (or inline when not started)."""
+    """Delivers events to listeners, in order: on its own thread, on a shared
+    ``EventThread``, or inline when not started."""
 
     def __init__(self, name: str) -> None:
         self._name = name
@@ -65,6 +138,7 @@ class EventDispatcher:
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread: Optional[threading.Thread] = None
+        self._shared: Optional[EventThread] = None
 
     def add(self, listener: Listener) -> None:
         if not callable(listener):
@@ -80,9 +154,12 @@ class EventDispatcher:
             except ValueError:
                 raise ValueError("listener was not added") from None
 
-    def start(self) -> None:
-        """Deliver on a background thread from now on."""
-        if self._thread is not None:
+    def start(self, shared: Optional[EventThread] = None) -> None:
+        """Deliver on a background thread from now on: ``shared`` if given, else its own."""
+        if self._thread is not None or self._shared is not None:
+            return
+        if shared is not None:
+            self._shared = shared
             return
         self._thread = threading.Thread(
             target=self._run, name=f"mutexowner-events-{self._name}", daemon=True
@@ -90,7 +167,10 @@ class EventDispatcher:
         self._thread.start()
 
     def stop(self, timeout: Optional[float] = None) -> bool:
-        """Deliver what is queued, then end the thread. True if it ended within ``timeout``."""
+        """Deliver what is queued, then end the thread. True if it ended within ``timeout``
+        (on a shared thread: True once what was queued has been delivered)."""
+        if self._shared is not None:
+            return self._shared.drain(timeout)
         thread = self._thread
         if thread is None:
             return True
@@ -102,12 +182,16 @@ class EventDispatcher:
 
     def on_its_thread(self) -> bool:
         """True when called from this dispatcher's own thread (a listener, a callback)."""
+        if self._shared is not None:
+            return self._shared.on_its_thread()
         thread = self._thread
         return thread is not None and thread is threading.current_thread()
 
     def emit(self, event: Event) -> None:
         """Queue an event (delivered inline when no thread was started)."""
-        if self._thread is None:
+        if self._shared is not None:
+            self._shared.submit(lambda: self._deliver(event))
+        elif self._thread is None:
             self._deliver(event)
         else:
             self._queue.put(event)
@@ -116,7 +200,9 @@ class EventDispatcher:
         """Run ``task`` on the dispatcher thread, in order with the events (inline when no
         thread was started). The owner hands its log lines over this way: a log handler
         that blocks then stalls only event delivery, never the owner thread."""
-        if self._thread is None:
+        if self._shared is not None:
+            self._shared.submit(task)
+        elif self._thread is None:
             self._run_task(task)
         else:
             self._queue.put(task)

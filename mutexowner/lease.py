@@ -17,6 +17,7 @@ import re
 import secrets
 import socket
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Callable, Optional, TypeVar, Union, cast
@@ -38,6 +39,7 @@ __all__ = [
     "ReplicaPolicy",
     "Retaken",
     "Taken",
+    "call_many",
     "classify_error",
     "new_token",
     "unwrap_script_error",
@@ -542,7 +544,8 @@ class Lease:
             epoch_present=epoch_present,
         )
 
-    def _acquire_or_renew(self, token: str, own_fence: Optional[int]) -> LeaseResult:
+    def _script_call(self, token: str, own_fence: Optional[int]) -> tuple[list[str], list[str]]:
+        """KEYS and ARGV of the acquire-or-renew script for this call."""
         keys = list(self.keys.all())
         args = [
             token,
@@ -551,6 +554,14 @@ class Lease:
             "" if own_fence is None else str(own_fence),
             new_token(),
         ]
+        return keys, args
+
+    def _batchable(self) -> bool:
+        """May go in a pipeline with other leases' calls: a standalone client, no WAIT."""
+        return self._cluster is None and self._expect_replicas == 0
+
+    def _acquire_or_renew(self, token: str, own_fence: Optional[int]) -> LeaseResult:
+        keys, args = self._script_call(token, own_fence)
         first: Optional[LeaseResult] = None
         # Twice at most: when the reply asks for more replicas than this call WAITed for (the
         # first call, or replicas just appeared), the script runs again with the right WAIT on
@@ -728,3 +739,80 @@ class Lease:
             ) from exc
         except Exception as exc:  # classified once, here
             raise classify_error(exc) from exc
+
+
+def call_many(
+    calls: Sequence[tuple[Lease, str, Optional[int]]],
+) -> list[Union[LeaseResult, LeaseError]]:
+    """Acquire (fencing token None) or renew each ``(lease, token, fencing_token)``; one
+    result or classified error per call, in order.
+
+    Calls of leases on one standalone client go out as one pipeline (one round trip, one
+    socket timeout); a lease that must WAIT for replicas, lives on a cluster, or whose reply
+    asks for a second look (NOSCRIPT, replicas just appeared) is called on its own, as
+    ``Lease.acquire``/``renew`` would. One failing call does not fail the others.
+    """
+    results: list[Optional[Union[LeaseResult, LeaseError]]] = [None] * len(calls)
+    batch = [i for i, (lease, _, _) in enumerate(calls) if lease._batchable()]
+    if len(batch) > 1:
+        _run_batch(calls, batch, results)
+    for i, (lease, token, fence) in enumerate(calls):
+        if results[i] is None:
+            results[i] = _call_one(lease, token, fence)
+    return [r for r in results if r is not None]
+
+
+def _call_one(lease: Lease, token: str, fence: Optional[int]) -> Union[LeaseResult, LeaseError]:
+    try:
+        return lease.acquire(token) if fence is None else lease.renew(token, fence)
+    except ForkedOwnerError:
+        raise
+    except Exception as exc:
+        return classify_error(exc)
+
+
+def _run_batch(
+    calls: Sequence[tuple[Lease, str, Optional[int]]],
+    batch: list[int],
+    results: list[Optional[Union[LeaseResult, LeaseError]]],
+) -> None:
+    """One pipeline of acquire scripts for the leases at ``batch`` (same client). Replies
+    that need a second look stay None (the caller runs those on their own)."""
+    first = calls[batch[0]][0]
+    try:
+        replies = first._run(lambda: _pipeline(calls, batch))
+    except ForkedOwnerError:
+        raise
+    except LeaseError as error:
+        for i in batch:
+            results[i] = error
+        return
+    for i, reply in zip(batch, replies):
+        lease = calls[i][0]
+        if isinstance(reply, rex.NoScriptError):
+            continue  # loaded by the single call
+        if isinstance(reply, Exception):
+            results[i] = classify_error(reply)
+            continue
+        try:
+            result = lease._parse(reply)
+        except LeaseError as error:
+            results[i] = error
+            continue
+        if not isinstance(result, (Taken, Quiet)):
+            need = lease.replicas.required(reply)
+            if need > 0:
+                lease._expect_replicas = need
+                continue  # replicas appeared: the single call WAITs for them
+        results[i] = result
+
+
+def _pipeline(calls: Sequence[tuple[Lease, str, Optional[int]]], batch: list[int]) -> list[Any]:
+    client = calls[batch[0]][0]._client
+    assert isinstance(client, redis.Redis)
+    pipe = client.pipeline(transaction=False)
+    for i in batch:
+        lease, token, fence = calls[i]
+        keys, args = lease._script_call(token, fence)
+        pipe.evalsha(lease._acquire.sha, len(keys), *keys, *args)
+    return list(pipe.execute(raise_on_error=False))

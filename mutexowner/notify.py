@@ -65,6 +65,11 @@ class ReleaseListener:
         #: Subscription failures so far (for status and tests).
         self.failures_seen = 0
 
+    @property
+    def thread(self) -> Optional[threading.Thread]:
+        """The subscription thread (None before start())."""
+        return self._thread
+
     def start(self) -> None:
         if self._thread is not None:
             return

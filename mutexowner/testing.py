@@ -85,27 +85,25 @@ class OwnerDriver:
     """
 
     def __init__(self, owner: MutexOwner, clock: FakeClock, *, settle_timeout: float = 5.0) -> None:
-        if owner._clock is not clock:
+        if owner.clock is not clock:
             raise ValueError("the owner must have been created with clock=<this FakeClock>")
         self.owner = owner
         self.clock = clock
         self.settle_timeout = settle_timeout
-        with owner._lock:
-            if owner._finished:
-                raise OwnerStoppedError("the owner was stopped")
-            if owner._started:
-                raise RuntimeError("the owner is already running with its own thread")
-            owner._begin()
+        if owner.slot.finished:
+            raise OwnerStoppedError("the owner was stopped")
+        #: The owner's lease slot: its core (``slot.core``) is the machine being stepped.
+        self.slot = owner.attach_driver()
 
     @property
     def finished(self) -> bool:
         """True once the owner has stopped for good (its stop completed, or it crashed)."""
-        return self.owner._finished
+        return self.slot.finished
 
     def step(self) -> Optional[float]:
         """Run one turn of the machine at the current fake time; seconds until it is due again."""
         self.settle_workers()
-        return self.owner._tick()
+        return self.slot.turn()
 
     def settle_workers(self, timeout: Optional[float] = None) -> bool:
         """Wait (real time) until workers told to stop have exited; False if some have not."""
@@ -167,24 +165,18 @@ class OwnerDriver:
 
     def notify_released(self) -> None:
         """Deliver a release notice, as the pub/sub listener would."""
-        self.owner._on_release_notice()
+        self.slot.notify_released()
 
     def stop(self, *, max_seconds: float = 3600.0) -> bool:
         """Request stop and step until the owner is stopped for good."""
         self.owner.stop()
-        return self.run_until(lambda: self.owner._finished, max_seconds=max_seconds)
+        return self.run_until(lambda: self.slot.finished, max_seconds=max_seconds)
 
     def _take_wake(self) -> bool:
-        with self.owner._lock:
-            woken, self.owner._wake = self.owner._wake, False
-            return woken
+        return self.slot.take_wake()
 
     def _wait_for_wake(self, timeout: float) -> bool:
-        owner = self.owner
-        with owner._cond:
-            woken = owner._cond.wait_for(lambda: owner._wake, timeout)
-            owner._wake = False
-            return bool(woken)
+        return self.slot.wait_for_wake(timeout)
 
 
 def fake_redis(*marked: str, **kwargs: Any) -> Any:
@@ -212,7 +204,7 @@ def expire_lease(client: Any, name: str, prefix: str = "mutexowner") -> bool:
 def crash(owner: MutexOwner) -> None:
     """Simulate the owner's process dying (``kill -9``): its threads end, its workers are told
     to stop, and nothing is released, so the key stays in Redis until its ttl runs out."""
-    owner._crash()
+    owner.simulate_crash()
 
 
 def mark_epoch(client: Any, name: str, prefix: str = "mutexowner") -> None:

@@ -392,7 +392,7 @@ class LeaseModel(RuleBasedStateMachine):
             elif script is lease._acquire:
                 op = "acquire" if args[3] == "" else "renew"
                 kind = fault.kind if fault is not None else None
-                pending = "stop pending" if owner._stop_requested else "no stop"
+                pending = "stop pending" if owner.slot.core.stop_requested else "no stop"
                 party.last_call[args[0]] = f"{op}, {kind or 'no fault'}, {pending}"
             now = self.clock()
             if now < self.down_until:
@@ -712,7 +712,7 @@ class LeaseModel(RuleBasedStateMachine):
             self._violation(
                 "two holders",
                 f"two holders at t={now:.3f}: "
-                + ", ".join(f"O{p.index} (fence {p.owner._fence})" for p in counted),
+                + ", ".join(f"O{p.index} (fence {p.owner.slot.core.fence})" for p in counted),
             )
         # 1b. ... and no two owners' workers run at once unless told to stop (never two runners)
         runners = [
@@ -732,27 +732,27 @@ class LeaseModel(RuleBasedStateMachine):
             owner = party.owner
             # 2. a holder's token is in Redis, expiring no earlier than its local deadline
             if party in holding:
-                sent = owner._deadline - owner.ttl + owner.drift
+                sent = owner.slot.core.deadline_at - owner.ttl + owner.drift
                 # (Not after Redis lost the key since: the quiet period protects then.)
                 lost = self.last_loss >= sent or (party.index, party.periods) in self.exempt
                 if lost:
                     pass
-                elif key_token is None or key_token != owner._token:
+                elif key_token is None or key_token != owner.slot.core.token:
                     self._violation(
                         "holder without key",
-                        f"O{party.index} holds (deadline {owner._deadline:.3f}) at "
+                        f"O{party.index} holds (deadline {owner.slot.core.deadline_at:.3f}) at "
                         f"t={now:.3f} but the key holds "
                         f"{'nothing' if key_token is None else 'another token'}, and Redis "
                         f"lost nothing since its renewal at {sent:.3f}",
                     )
-                elif pttl >= 0 and now + pttl / 1000 + 0.001 < owner._deadline:
+                elif pttl >= 0 and now + pttl / 1000 + 0.001 < owner.slot.core.deadline_at:
                     self._violation(
                         "key expires first",
                         f"O{party.index}'s key expires at {now + pttl / 1000:.3f}, before its "
-                        f"local deadline {owner._deadline:.3f}",
+                        f"local deadline {owner.slot.core.deadline_at:.3f}",
                     )
             # 4. a requested stop completes in bounded fake time
-            if owner._stop_requested and party.stop_requested_at is None:
+            if owner.slot.core.stop_requested and party.stop_requested_at is None:
                 party.stop_requested_at = now
             if (
                 party.live

@@ -26,6 +26,8 @@ import pytest
 import redis
 
 from mutexowner import BackoffPolicy, MutexOwner, Supervisor, WorkerContext, clock, owner
+from mutexowner import engine as engine_module
+from mutexowner import slot as slot_module
 from mutexowner.lease import LeaseKeys
 from mutexowner.testing import FakeClock, OwnerDriver, expire_lease, fake_redis
 from tests.helpers import REAL_TIMEOUT, Recorder, errors_of, wait_for
@@ -143,11 +145,15 @@ def walk(fake: FakeClock, until: float, done: threading.Event, step: float = 0.0
 
 
 def owner_threads(mo: MutexOwner) -> set[int]:
-    """Thread idents of an owner's own threads: owner, events, supervisor monitor."""
-    threads = [mo._thread, mo._events._thread]
+    """Thread idents of an owner's own threads: engine, events, supervisor monitor."""
+    threads = list(mo.threads)
     if mo.supervisor is not None:
         threads.append(mo.supervisor._monitor)
     return {t.ident or 0 for t in threads if t is not None}
+
+
+def engine_alive(mo: MutexOwner) -> bool:
+    return any(t.name.startswith("mutexowner-engine-") for t in mo.threads)
 
 
 def in_thread(fn: Any, timeout: float = REAL_TIMEOUT) -> tuple[bool, Any]:
@@ -195,7 +201,7 @@ def test_a_blocked_log_handler_does_not_delay_either_step_down_path(
     assert done and holding is False
     # Redis expires A's key; B takes over, and its worker starts after A's exited.
     expire_lease(client, "job")
-    b._on_release_notice()
+    b.slot.notify_released()
     assert wait_for(lambda: b.holding) and worker_b.started.wait(REAL_TIMEOUT)
     assert worker_a.exited_at[-1] <= worker_b.started_at[0]
     blocking_handler.gate.set()
@@ -211,7 +217,7 @@ def test_holding_status_and_stop_never_wait_on_a_blocked_handler(
     mo = MutexOwner(fake_redis("job"), "job", ttl=TTL, clock=fake, backoff=NO_JITTER)
     blocking_handler.gate.set()
     mo.start()
-    assert wait_for(lambda: mo.holding) and mo._thread is not None
+    assert wait_for(lambda: mo.holding) and engine_alive(mo)
     blocking_handler.only_threads = owner_threads(mo)
     blocking_handler.gate.clear()
     redis_down(mo, monkeypatch)
@@ -269,7 +275,7 @@ def test_a_stuck_policy_that_raises_anything_does_not_end_the_owner_thread(
     assert applied.is_set(), "the policy was never applied"
     assert wait_for(lambda: mo.state == "acquiring")
     fake.advance(1.0)
-    assert mo._thread is not None and mo._thread.is_alive(), "the owner thread died"
+    assert engine_alive(mo), "the engine thread died"
     worker.let_go.set()  # the stuck worker ends: the owner contends again (Redis is down)
     assert wait_for(lambda: mo.status().consecutive_errors >= 1)
     assert mo.stop(REAL_TIMEOUT), "stop() never completed"
@@ -435,7 +441,7 @@ def test_a_stop_releases_a_token_left_in_redis_by_an_earlier_lost_reply() -> Non
 
     mo._lease.acquire = lose_first_reply  # type: ignore[method-assign]
     assert driver.run_until(lambda: mo.holding, max_seconds=TTL)
-    assert lost and mo._token == lost[0]  # idempotent acquire: the same token
+    assert lost and mo.slot.core.token == lost[0]  # idempotent acquire: the same token
     driver.stop()
     assert_clean_stop(client, rec)
 
@@ -452,7 +458,7 @@ def test_the_exit_policy_fires_before_the_deadline_and_without_waiting_on_loggin
     exits: list[tuple[int, float, bool]] = []
     exited = threading.Event()
     entered_at: list[float] = []
-    real_exit_process = owner._exit_process
+    real_exit_process = slot_module.exit_process
 
     def exit_process(message: str, *args: object) -> None:
         entered_at.append(fake())
@@ -462,8 +468,8 @@ def test_the_exit_policy_fires_before_the_deadline_and_without_waiting_on_loggin
         exits.append((status, fake(), blocking_handler.gate.is_set()))
         exited.set()  # returns: the thread that called it then simply ends its work
 
-    monkeypatch.setattr(owner, "_exit_process", exit_process)
-    monkeypatch.setattr(owner.os, "_exit", fake_exit)
+    monkeypatch.setattr(slot_module, "exit_process", exit_process)
+    monkeypatch.setattr(slot_module.os, "_exit", fake_exit)
     blocking_handler.gate.set()
     mo.start()
     assert wait_for(lambda: mo.holding) and worker.started.wait(REAL_TIMEOUT)
@@ -499,7 +505,7 @@ def test_the_exit_policy_fires_on_time_while_the_owner_thread_is_stuck_in_a_redi
         entered_at.append(fake())
         exited.set()  # stands in for os._exit (returning ends the watchdog's work)
 
-    monkeypatch.setattr(owner, "_exit_process", exit_process)
+    monkeypatch.setattr(slot_module, "exit_process", exit_process)
     mo.start()
     assert wait_for(lambda: mo.holding) and worker.started.wait(REAL_TIMEOUT)
     unblock = threading.Event()
@@ -544,13 +550,13 @@ def test_the_owner_thread_caps_its_waits_only_while_it_has_a_lease(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     caps: dict[str, set[Optional[float]]] = {}
-    real_wait_on = owner.wait_on
+    real_wait_on = engine_module.wait_on
 
     def recording(clk: Any, cond: Any, timeout: Any, *, cap: Optional[float] = None) -> None:
-        caps.setdefault(mo._fsm_state, set()).add(cap)
+        caps.setdefault(mo.state, set()).add(cap)
         real_wait_on(clk, cond, timeout, cap=cap)
 
-    monkeypatch.setattr(owner, "wait_on", recording)
+    monkeypatch.setattr(engine_module, "wait_on", recording)
     client = fake_redis("job")
     fake = FakeClock()
     other = MutexOwner(client, "job", ttl=TTL, identity="other", clock=fake)

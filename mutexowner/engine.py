@@ -1,0 +1,318 @@
+"""One lease engine per Redis client: a scheduler thread drives every lease of the process.
+
+Every ``MutexOwner`` built on the same Redis client (or URL) and clock shares one engine:
+one scheduler thread that runs each lease's turn when it is due (a heap of due times; the
+round trips of leases due together go out as one pipelined batch), one release hub (one
+pub/sub connection and thread for every lease's channel) and one events thread. The engine
+is created on demand and its threads end when its last lease stops; a forked child starts
+with no engines (its inherited owners are dead there).
+
+Step-down never depends on this thread: the supervisor's monitor stops workers at the
+deadline on its own, and ``holding`` is computed from the clock (docs/safety.md, point 3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import logging
+import math
+import os
+import threading
+from typing import Any, Optional, Union
+
+from mutexowner import machine as m
+from mutexowner.clock import SAFETY_WAIT_CAP, Clock, wait_on
+from mutexowner.connection import client_from, derive_lease_client
+from mutexowner.core import Call, Release
+from mutexowner.events import EventThread
+from mutexowner.lease import Lease, call_many
+from mutexowner.slot import CallOutcome, LeaseSlot
+
+__all__ = ["Engine", "engine_for"]
+
+log = logging.getLogger("mutexowner.engine")
+
+#: After an unexpected error in a lease's turn, try that lease again this much later.
+ERROR_RETRY = 1.0
+
+_REGISTRY_LOCK = threading.Lock()
+_NUMBERS = itertools.count(1)
+_ENGINES: dict[tuple[object, ...], Engine] = {}
+
+
+def _registry_key(redis: Any, clock: Clock) -> tuple[object, ...]:
+    source: object = ("url", redis) if isinstance(redis, str) else ("client", id(redis))
+    return (source, id(clock))
+
+
+def engine_for(redis: Any, clock: Clock) -> Engine:
+    """The engine for this Redis client (or URL) and clock, created on first use."""
+    key = _registry_key(redis, clock)
+    with _REGISTRY_LOCK:
+        engine = _ENGINES.get(key)
+        if engine is None or engine.pid != os.getpid():
+            engine = Engine(client_from(redis), clock, source=redis)
+            _ENGINES[key] = engine
+        return engine
+
+
+def _forget_engines_after_fork() -> None:
+    # The child has none of the parent's threads: its engines are dead, and its owners are
+    # marked forked by owner.py. A new owner in the child gets a new engine.
+    _ENGINES.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_engines_after_fork)
+
+
+class Engine:
+    """The scheduler, release hub and events thread shared by the leases of one client."""
+
+    def __init__(self, base_client: Any, clock: Clock, *, source: object = None) -> None:
+        self.base_client = base_client
+        self.clock = clock
+        self.pid = os.getpid()
+        # Keeps the user's client object alive while the engine exists, so that its id,
+        # which keys the registry, cannot be reused by another client.
+        self._source = source
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._heap: list[tuple[float, int, LeaseSlot]] = []
+        self._due_at: dict[LeaseSlot, float] = {}
+        self._slots: set[LeaseSlot] = set()
+        self._seq = itertools.count()
+        self._thread: Optional[threading.Thread] = None
+        self._lease_clients: dict[float, Any] = {}
+        #: Names this engine's threads: mutexowner-engine-<n>, mutexowner-events-<n>.
+        self.number = next(_NUMBERS)
+        self.events = EventThread(f"mutexowner-events-{self.number}")
+        #: The scheduler thread that is ending (stop_threads joins it).
+        self._last_thread: Optional[threading.Thread] = None
+
+    # -- leases --------------------------------------------------------------------------------
+
+    def lease_client(self, call_timeout: float) -> Any:
+        """The client lease calls use: one per call timeout, shared by the engine's leases."""
+        with self._lock:
+            client = self._lease_clients.get(call_timeout)
+            if client is None:
+                client = derive_lease_client(self.base_client, timeout=call_timeout)
+                self._lease_clients[call_timeout] = client
+            return client
+
+    def add(self, slot: LeaseSlot) -> None:
+        """Begin ``slot`` and drive it from now on (its first turn is due now). Its events go
+        to the engine's events thread."""
+        slot.on_wake = self.wake
+        slot.threaded = True
+        with self._cond:
+            self._slots.add(slot)
+            self.events.start()
+            slot.events.start(self.events)
+            slot.begin()
+            self._schedule_locked(slot, -math.inf)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name=f"mutexowner-engine-{self.number}", daemon=True
+                )
+                self._thread.start()
+
+    def remove(self, slot: LeaseSlot) -> None:
+        """Stop driving ``slot`` (it has finished); the threads end with the last slot."""
+        with self._cond:
+            self._slots.discard(slot)
+            self._due_at.pop(slot, None)
+            self._cond.notify_all()
+
+    def wake(self, slot: LeaseSlot) -> None:
+        """Run ``slot``'s turn as soon as possible."""
+        with self._cond:
+            if slot in self._slots:
+                self._schedule_locked(slot, -math.inf)
+
+    def run_inline(self, slot: LeaseSlot) -> bool:
+        """Run ``slot``'s turn on the calling thread if no other turn of it is running (the
+        fast path of ``stop()``: no thread wake-up); False if one was."""
+        if not slot.turn_lock.acquire(blocking=False):
+            self.wake(slot)
+            return False
+        try:
+            wait = self._turn_locked(slot)
+        finally:
+            slot.turn_lock.release()
+        self._reschedule(slot, wait)
+        return True
+
+    @property
+    def threads(self) -> tuple[threading.Thread, ...]:
+        threads = [self._thread, self.events.thread]
+        return tuple(t for t in threads if t is not None)
+
+    def stop_threads(self, timeout: Optional[float]) -> bool:
+        """Wait for the threads to end once no slot is left; True when they have."""
+        with self._cond:
+            thread = self._thread or self._last_thread
+            idle = not self._slots
+        if not idle:
+            return False
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        return thread is None or not thread.is_alive()
+
+    # -- scheduling ----------------------------------------------------------------------------
+
+    def _schedule_locked(self, slot: LeaseSlot, at: float) -> None:
+        current = self._due_at.get(slot)
+        if current is not None and current <= at:
+            return  # already due at least as soon
+        self._due_at[slot] = at
+        heapq.heappush(self._heap, (at, next(self._seq), slot))
+        self._cond.notify_all()
+
+    def _reschedule(self, slot: LeaseSlot, wait: Optional[float]) -> None:
+        if slot.finished:
+            self.remove(slot)
+            slot.finished_hook()
+            return
+        with self._cond:
+            # A wake that came during the turn is still scheduled: keep the earlier time.
+            if slot in self._slots and wait is not None:
+                self._schedule_locked(slot, self.clock() + wait)
+
+    def _take_due_locked(self, now: float) -> list[LeaseSlot]:
+        due: list[LeaseSlot] = []
+        while self._heap and self._heap[0][0] <= now:
+            at, _, slot = heapq.heappop(self._heap)
+            if self._due_at.get(slot) == at:
+                del self._due_at[slot]
+                due.append(slot)
+        return due
+
+    def _guarding_locked(self) -> bool:
+        return any(s.core.state in m.LEASE_STATES or s.core.workers_alive() for s in self._slots)
+
+    # -- the scheduler thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._slots:
+                    # The last lease stopped: end; a lease added later starts new threads.
+                    self._thread = None
+                    self._last_thread = threading.current_thread()
+                    self._heap.clear()
+                    self._due_at.clear()
+                    events = self.events
+                    self.events = EventThread(f"mutexowner-events-{self.number}")
+                    break
+                due = self._take_due_locked(self.clock())
+                if not due:
+                    self._wait_locked()
+                    continue
+            self._run_turns(due)
+        events.stop(timeout=None)
+
+    def _wait_locked(self) -> None:
+        now = self.clock()
+        timeout = self._heap[0][0] - now if self._heap else None
+        # Under a lease, re-read the clock often: see SAFETY_WAIT_CAP.
+        cap = SAFETY_WAIT_CAP if self._guarding_locked() else None
+        try:
+            wait_on(self.clock, self._cond, timeout, cap=cap)
+        except BaseException:  # never die, never spin
+            self._cond.wait(SAFETY_WAIT_CAP)
+
+    def _run_turns(self, due: list[LeaseSlot]) -> None:
+        """One turn of every due lease; their acquire/renew round trips go out together."""
+        taken: list[LeaseSlot] = []
+        for slot in due:
+            if slot.turn_lock.acquire(blocking=False):
+                taken.append(slot)
+            # else: a turn of it runs on another thread (stop), which reschedules it.
+        planned: list[tuple[LeaseSlot, Union[Call, Release, None]]] = []
+        waits: dict[LeaseSlot, Optional[float]] = {}
+        try:
+            for slot in taken:
+                try:
+                    planned.append((slot, slot.prepare()))
+                except BaseException as exc:
+                    waits[slot] = self._turn_failed(slot, exc)
+            self._execute(planned, waits)
+            for slot, _ in planned:
+                if slot not in waits:
+                    waits[slot] = self._finish(slot)
+        finally:
+            for slot in taken:
+                slot.turn_lock.release()
+        for slot in taken:
+            self._reschedule(slot, waits.get(slot, ERROR_RETRY))
+
+    def _execute(
+        self,
+        planned: list[tuple[LeaseSlot, Union[Call, Release, None]]],
+        waits: dict[LeaseSlot, Optional[float]],
+    ) -> None:
+        calls = [(slot, plan) for slot, plan in planned if isinstance(plan, Call)]
+        outcomes = self._call_all(calls) if calls else {}
+        for slot, plan in planned:
+            if plan is None:
+                continue
+            try:
+                outcome = outcomes[slot] if isinstance(plan, Call) else slot.execute(plan)
+                slot.complete(plan, outcome)
+            except BaseException as exc:
+                waits[slot] = self._turn_failed(slot, exc)
+
+    def _call_all(self, calls: list[tuple[LeaseSlot, Call]]) -> dict[LeaseSlot, CallOutcome]:
+        """Acquire/renew round trips: one pipelined batch per lease client where possible."""
+        if len(calls) == 1:
+            slot, plan = calls[0]
+            single = slot.execute(plan)
+            assert isinstance(single, CallOutcome)
+            return {slot: single}
+        by_client: dict[int, list[tuple[LeaseSlot, Call]]] = {}
+        for slot, plan in calls:
+            by_client.setdefault(id(slot.lease.client), []).append((slot, plan))
+        outcomes: dict[LeaseSlot, CallOutcome] = {}
+        for group in by_client.values():
+            sent = self.clock()
+            leases: list[tuple[Lease, str, Optional[int]]] = [
+                (slot.lease, plan.token, plan.fencing_token) for slot, plan in group
+            ]
+            replies = call_many(leases)
+            received = self.clock()
+            for (slot, _), reply in zip(group, replies):
+                outcomes[slot] = CallOutcome(reply, sent, received)
+        return outcomes
+
+    def _finish(self, slot: LeaseSlot) -> Optional[float]:
+        try:
+            return slot.finish_turn()
+        except BaseException as exc:
+            return self._turn_failed(slot, exc)
+
+    def _turn_locked(self, slot: LeaseSlot) -> Optional[float]:
+        """One whole turn of ``slot`` on this thread (its turn lock held)."""
+        try:
+            plan = slot.prepare()
+            if plan is not None:
+                slot.complete(plan, slot.execute(plan))
+            return slot.finish_turn()
+        except BaseException as exc:
+            return self._turn_failed(slot, exc)
+
+    @staticmethod
+    def _turn_failed(slot: LeaseSlot, exc: BaseException) -> float:
+        """A turn raised (a bug, or user code's BaseException): log it, carry on."""
+        with contextlib.suppress(BaseException):
+            slot.log.add(
+                logging.CRITICAL,
+                "owner machine error for key=%s; continuing",
+                slot.core.key,
+                exc=exc,
+            )
+            slot.log.flush()
+        return min(slot.core.timing.renew_interval, ERROR_RETRY)
