@@ -176,6 +176,7 @@ class ReleaseHub:
         self._streak = 0
         self._attempts = 0
         self._confirmed_snapshot: frozenset[str] = frozenset()
+        self._snapshot_stale = False
 
     # -- public API --------------------------------------------------------------------
 
@@ -328,26 +329,29 @@ class ReleaseHub:
         try:
             while not self._stop_event.is_set():
                 conn = pool = None
+                error: Optional[BaseException] = None
                 try:
                     pool = self._next_pool()
                     conn = pool.get_connection()
                     self._conn = conn
                     self._session(conn)
                 except BaseException as exc:  # Redis down, cut, or a bug: reconnect, never die
-                    if self._stop_event.is_set():
-                        break
-                    self._streak += 1
-                    self._failures_seen += 1
-                    if self._streak == 1:
-                        log.debug(
-                            "release notices interrupted on %s (%d channels): %s",
-                            self._where,
-                            len(self._subs),
-                            redact_text(f"{type(exc).__name__}: {exc}"),
-                        )
-                    self._stop_event.wait(self._backoff.delay(self._streak, self._rng))
+                    error = exc
                 finally:
                     self._end_session(conn, pool)
+                if error is None or self._stop_event.is_set():
+                    continue
+                self._streak += 1
+                self._failures_seen += 1
+                if self._streak == 1:
+                    log.debug(
+                        "release notices interrupted on %s (%d channels): %s",
+                        self._where,
+                        len(self._subs),
+                        redact_text(f"{type(error).__name__}: {error}"),
+                    )
+                del error
+                self._stop_event.wait(self._backoff.delay(self._streak, self._rng))
         finally:
             with self._lock:
                 self._woken = True  # nobody writes to the wake pair any more
@@ -417,6 +421,9 @@ class ReleaseHub:
                 self._drain_wake()
                 self._sync(conn)
                 self._drain(conn, read_timeout)
+                if self._snapshot_stale:
+                    self._snapshot_stale = False
+                    self._confirmed_snapshot = frozenset(self._confirmed)
                 self._kick_confirmed()
                 if self._stop_event.is_set():
                     return
@@ -471,10 +478,10 @@ class ReleaseHub:
                 commands.append(("UNSUBSCRIBE", channel))
                 self._sent.discard(channel)
                 self._confirmed.discard(channel)  # no longer live, whatever the reply says
+                self._snapshot_stale = True
             self._inflight.append((commands[-1][0] == "SUBSCRIBE", channel))
             self._pending[channel] = self._pending.get(channel, 0) + 1
         if commands:
-            self._confirmed_snapshot = frozenset(self._confirmed)
             conn.send_packed_command(conn.pack_commands(commands), check_health=False)
 
     def _drain(self, conn: Any, read_timeout: Optional[float]) -> None:
@@ -506,7 +513,7 @@ class ReleaseHub:
             if kind == "subscribe" and last and channel in self._sent:
                 # Live now (and no UNSUBSCRIBE/SUBSCRIBE of it still on its way).
                 self._confirmed.add(channel)
-                self._confirmed_snapshot = frozenset(self._confirmed)
+                self._snapshot_stale = True
                 self._refused.pop(channel, None)
                 if self._streak:
                     log.debug("release notices resumed on %s", self._where)
