@@ -219,12 +219,10 @@ class ReleaseHub:
         dispatched now); when it was the channel's last one, the hub sends ``UNSUBSCRIBE``.
         Idempotent; thread-safe; a no-op in a forked child."""
         with self._lock:
-            if not subscription._active:
-                return
-            subscription._active = False
             existing = self._subs.get(subscription.channel, ())
-            if subscription not in existing:
-                return
+            if not subscription._active or subscription not in existing:
+                return  # already gone (or another hub's)
+            subscription._active = False
             remaining = tuple(s for s in existing if s is not subscription)
             if remaining:
                 self._subs[subscription.channel] = remaining

@@ -269,3 +269,17 @@ def test_a_forked_child_cannot_use_the_parents_hub(hub: ReleaseHub, client: Any)
     client.publish("lease", "x")
     assert call.wait(2)
     assert "lease" in hub.subscribed_channels
+
+
+def test_unsubscribing_another_hubs_subscription_changes_nothing(
+    hub: ReleaseHub, client: Any
+) -> None:
+    other = ReleaseHub(fake_redis(), name="other", backoff=FAST)
+    call = Calls()
+    subscription = hub.subscribe("lease", call)
+    assert call.wait(1)
+    other.unsubscribe(subscription)
+    assert subscription.active and hub.channels == {"lease"}
+    client.publish("lease", "x")
+    assert call.wait(2)
+    assert other.stop(timeout=0)
