@@ -218,6 +218,9 @@ class ReleaseHub:
         """Stop calling ``subscription``'s callback (at once, even for a notice being
         dispatched now); when it was the channel's last one, the hub sends ``UNSUBSCRIBE``.
         Idempotent; thread-safe; a no-op in a forked child."""
+        if os.getpid() != self._pid:  # the lock may have been copied held: do not take it
+            subscription._active = False
+            return
         with self._lock:
             existing = self._subs.get(subscription.channel, ())
             if not subscription._active or subscription not in existing:
@@ -230,7 +233,7 @@ class ReleaseHub:
             del self._subs[subscription.channel]
             self._kicks.discard(subscription.channel)
             self._dirty.add(subscription.channel)
-            if not self._stopping and os.getpid() == self._pid:
+            if not self._stopping:
                 self._wake_locked()
 
     def stop(self, timeout: Optional[float] = None) -> bool:
@@ -240,6 +243,9 @@ class ReleaseHub:
         it only requests the stop and returns False. In a forked child it returns True and
         touches nothing the parent still uses.
         """
+        if os.getpid() != self._pid:  # the parent's thread, socket and lock are not ours
+            self._stopping = True
+            return True
         with self._lock:
             first = not self._stopping
             self._stopping = True
@@ -247,8 +253,6 @@ class ReleaseHub:
                 for subscription in subs:
                     subscription._active = False
             thread = self._thread
-            if os.getpid() != self._pid:
-                return True  # the parent's hub thread does not exist here
             if first:
                 self._stop_event.set()
                 self._wake_locked()
@@ -272,6 +276,8 @@ class ReleaseHub:
     @property
     def channels(self) -> frozenset[str]:
         """Channels that have at least one active subscription."""
+        if os.getpid() != self._pid:
+            return frozenset()
         with self._lock:
             return frozenset(self._subs)
 

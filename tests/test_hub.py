@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -248,23 +249,36 @@ def test_a_forked_child_cannot_use_the_parents_hub(hub: ReleaseHub, client: Any)
     call = Calls()
     subscription = hub.subscribe("lease", call)
     assert call.wait(1)
-    pid = os.fork()
-    if pid == 0:  # the child: report through the exit status only
-        code = 0
-        try:
+    with hub._lock:  # as if the hub thread held its lock at the moment of the fork
+        pid = os.fork()
+        if pid == 0:  # the child: report through the exit status only
+            code = 0
             try:
-                hub.subscribe("other", Calls())
-                code = 1
-            except ForkedOwnerError:
-                pass
-            hub.unsubscribe(subscription)  # must not wake or touch the parent's hub
-            if not hub.stop(timeout=0) or hub.alive:
-                code = 2
-        except BaseException:
-            code = 3
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+                try:
+                    hub.subscribe("other", Calls())
+                    code = 1
+                except ForkedOwnerError:
+                    pass
+                hub.unsubscribe(subscription)  # must not wake, touch or wait for the parent's
+                if not hub.stop(timeout=0) or hub.alive or hub.channels:
+                    code = 2
+            except BaseException:
+                code = 3
+            os._exit(code)
+    statuses: list[int] = []
+
+    def child_ended() -> bool:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        statuses.extend([status] if done else [])
+        return bool(done)
+
+    try:
+        assert wait_for(child_ended), "the child hung (on a lock copied while held?)"
+    finally:
+        if not statuses:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(statuses[0]) == 0
     # The parent's hub still carries the subscription the child "dropped".
     client.publish("lease", "x")
     assert call.wait(2)
