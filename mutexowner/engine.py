@@ -23,10 +23,12 @@ import threading
 from typing import Any, Optional, Union
 
 from mutexowner import machine as m
+from mutexowner.backoff import BackoffPolicy
 from mutexowner.clock import SAFETY_WAIT_CAP, Clock, wait_on
 from mutexowner.connection import client_from, derive_lease_client
 from mutexowner.core import Call, Release
 from mutexowner.events import EventThread
+from mutexowner.hub import ReleaseHub, Subscription
 from mutexowner.lease import Lease, call_many
 from mutexowner.slot import CallOutcome, LeaseSlot
 
@@ -34,6 +36,8 @@ __all__ = ["Engine", "engine_for"]
 
 log = logging.getLogger("mutexowner.engine")
 
+#: Socket timeout of the release hub's pub/sub connection (connect and subscribe replies).
+HUB_TIMEOUT = 1.0
 #: After an unexpected error in a lease's turn, try that lease again this much later.
 ERROR_RETRY = 1.0
 
@@ -89,6 +93,7 @@ class Engine:
         #: Names this engine's threads: mutexowner-engine-<n>, mutexowner-events-<n>.
         self.number = next(_NUMBERS)
         self.events = EventThread(f"mutexowner-events-{self.number}")
+        self._hub: Optional[ReleaseHub] = None
         #: The scheduler thread that is ending (stop_threads joins it).
         self._last_thread: Optional[threading.Thread] = None
 
@@ -103,9 +108,10 @@ class Engine:
                 self._lease_clients[call_timeout] = client
             return client
 
-    def add(self, slot: LeaseSlot) -> None:
-        """Begin ``slot`` and drive it from now on (its first turn is due now). Its events go
-        to the engine's events thread."""
+    def add(self, slot: LeaseSlot, *, channel: str, backoff: BackoffPolicy) -> Subscription:
+        """Begin ``slot`` and drive it from now on (its first turn is due now): its events go
+        to the engine's events thread, and release notices on ``channel`` not sent by its
+        own identity to ``slot.notify_released``. Returns the subscription (for removal)."""
         slot.on_wake = self.wake
         slot.threaded = True
         with self._cond:
@@ -119,6 +125,24 @@ class Engine:
                     target=self._run, name=f"mutexowner-engine-{self.number}", daemon=True
                 )
                 self._thread.start()
+            # Our own release must not cut our own backoff: ignore notices from ourselves.
+            return self._subscribe_locked(channel, slot, slot.core.identity, backoff)
+
+    def _subscribe_locked(
+        self, channel: str, slot: LeaseSlot, identity: str, backoff: BackoffPolicy
+    ) -> Subscription:
+        hub = self._hub
+        if hub is None:
+            client = derive_lease_client(self.base_client, timeout=HUB_TIMEOUT)
+            hub = ReleaseHub(client, name=f"engine-{self.number}", backoff=backoff)
+            self._hub = hub
+        return hub.subscribe(channel, slot.notify_released, ignore_from=identity)
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        with self._cond:
+            hub = self._hub
+        if hub is not None:
+            hub.unsubscribe(subscription)
 
     def remove(self, slot: LeaseSlot) -> None:
         """Stop driving ``slot`` (it has finished); the threads end with the last slot."""
@@ -148,8 +172,10 @@ class Engine:
 
     @property
     def threads(self) -> tuple[threading.Thread, ...]:
-        threads = [self._thread, self.events.thread]
-        return tuple(t for t in threads if t is not None)
+        """The engine's threads: scheduler, events, release hub (those running now)."""
+        hub = self._hub
+        threads = [self._thread, self.events.thread, hub.thread if hub is not None else None]
+        return tuple(t for t in threads if t is not None and t.is_alive())
 
     def stop_threads(self, timeout: Optional[float]) -> bool:
         """Wait for the threads to end once no slot is left; True when they have."""
@@ -157,7 +183,7 @@ class Engine:
             thread = self._thread or self._last_thread
             idle = not self._slots
         if not idle:
-            return False
+            return True  # our lease is gone; the threads serve the engine's other leases
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
         return thread is None or not thread.is_alive()
@@ -207,12 +233,15 @@ class Engine:
                     self._due_at.clear()
                     events = self.events
                     self.events = EventThread(f"mutexowner-events-{self.number}")
+                    hub, self._hub = self._hub, None
                     break
                 due = self._take_due_locked(self.clock())
                 if not due:
                     self._wait_locked()
                     continue
             self._run_turns(due)
+        if hub is not None:
+            hub.stop(timeout=None)
         events.stop(timeout=None)
 
     def _wait_locked(self) -> None:

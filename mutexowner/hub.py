@@ -3,7 +3,7 @@
 A standby learns within milliseconds that the holder released the lease: the release script
 publishes on the lease's channel. ``ReleaseHub`` carries those notices for any number of
 leases (channels) over ONE Redis connection read by ONE thread, instead of one connection
-and one thread per owner (``mutexowner.notify.ReleaseListener``). Its semantics are the
+and one thread per owner (the ReleaseListener it replaced). Its semantics are the
 listener's:
 
 * a subscriber's callback runs once per notice on its channel, except for notices whose data
@@ -280,6 +280,11 @@ class ReleaseHub:
             return frozenset()
         with self._lock:
             return frozenset(self._subs)
+
+    @property
+    def thread(self) -> Optional[threading.Thread]:
+        """The hub's thread (None before the first subscription)."""
+        return self._thread
 
     @property
     def alive(self) -> bool:

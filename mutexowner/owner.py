@@ -22,7 +22,7 @@ from typing import Any, Callable, Literal, Optional, Union, get_args
 from mutexowner import machine as m
 from mutexowner.backoff import BackoffPolicy
 from mutexowner.clock import Clock, default_clock
-from mutexowner.connection import derive_lease_client, describe_client
+from mutexowner.connection import describe_client
 from mutexowner.core import (
     ERROR_LOG_INTERVAL,
     EXIT_MARGIN,
@@ -36,8 +36,8 @@ from mutexowner.core import (
 from mutexowner.engine import Engine, engine_for
 from mutexowner.errors import ForkedOwnerError, MutexOwnerError, OwnerStoppedError
 from mutexowner.events import Event, EventDispatcher, EventKind, Listener
+from mutexowner.hub import Subscription
 from mutexowner.lease import Lease, validate_name
-from mutexowner.notify import ReleaseListener
 from mutexowner.slot import (
     EXIT_LOG_BUDGET,
     STUCK_EXIT_STATUS,
@@ -242,30 +242,9 @@ class MutexOwner:
         for kind, callback in (("acquired", on_acquired), ("lost", on_lost)):
             if callback is not None:
                 self._events.add(_CallbackListener(kind, callback))  # type: ignore[arg-type]
-        deferred = DeferredLog(log, self._events.submit)
-        core = LeaseCore(
-            key=self.key,
-            identity=identity,
-            timing=self.timing,
-            backoff=self.backoff,
-            outage=outage_strategy(outage),
-            clock=self.clock,
-            emit=self._events.emit,
-            log=deferred.add,
-            workers=supervisor,
-            exit_margin=EXIT_MARGIN if stuck_worker_policy == "exit" else 0.0,
-            rng=rng,
-        )
         #: The lease's core behind its lock: what the engine and test drivers turn.
-        self.slot = LeaseSlot(
-            core, self._lease, self._events, deferred, stuck_policy=stuck_worker_policy
-        )
-        self.slot.on_finished = self._on_finished
-        if supervisor is not None:
-            supervisor.attach(
-                clock=self.clock, guard=self.slot, key=self.key, hook=self._supervisor_hook
-            )
-        self._listener: Optional[ReleaseListener] = None
+        self.slot = self._build_slot(rng)
+        self._subscription: Optional[Subscription] = None
         self._watchdog: Optional[threading.Thread] = None
         self._start_lock = threading.Lock()
         self._driven = False  # True once handed to a test driver (attach_driver)
@@ -274,6 +253,32 @@ class MutexOwner:
         self.forked = False
         self._pid = os.getpid()
         _OWNERS.add(self)
+
+    def _build_slot(self, rng: Optional[random.Random]) -> LeaseSlot:
+        """The lease's core (its decisions) in a slot (its lock and I/O), wired to the
+        supervisor, the events and the deferred log."""
+        deferred = DeferredLog(log, self._events.submit)
+        policy = self.stuck_worker_policy
+        core = LeaseCore(
+            key=self.key,
+            identity=self.identity,
+            timing=self.timing,
+            backoff=self.backoff,
+            outage=outage_strategy(self.outage),
+            clock=self.clock,
+            emit=self._events.emit,
+            log=deferred.add,
+            workers=self.supervisor,
+            exit_margin=EXIT_MARGIN if policy == "exit" else 0.0,
+            rng=rng,
+        )
+        slot = LeaseSlot(core, self._lease, self._events, deferred, stuck_policy=policy)
+        slot.on_finished = self._on_finished
+        if self.supervisor is not None:
+            self.supervisor.attach(
+                clock=self.clock, guard=slot, key=self.key, hook=self._supervisor_hook
+            )
+        return slot
 
     # -- public API -----------------------------------------------------------------------
 
@@ -308,16 +313,9 @@ class MutexOwner:
         with self._start_lock:
             if not self._may_start():
                 return
-            self._listener = ReleaseListener(
-                derive_lease_client(self._base_client, timeout=max(1.0, self.call_timeout)),
-                self._lease.keys.channel,
-                self.slot.notify_released,
-                name=self.key,
-                backoff=self.backoff,
-                ignore_from=self.identity,  # our own release must not cut our own backoff
+            self._subscription = self._engine.add(
+                self.slot, channel=self._lease.keys.channel, backoff=self.backoff
             )
-            self._listener.start()
-            self._engine.add(self.slot)
             if self.stuck_worker_policy == "exit" and self.supervisor is not None:
                 self._watchdog = threading.Thread(
                     target=self.slot.watch_exit, name=f"mutexowner-{self.key}-watchdog", daemon=True
@@ -395,15 +393,14 @@ class MutexOwner:
         # Joins the monitor thread, which joined every worker thread; a stuck worker (policy
         # "abandon" or a callable) is waited for within the time left, and reported False.
         sup_done = sup is None or sup.stop(left())
-        listener = self._listener
-        listener_done = listener is None or listener.stop(left())
+        self._unsubscribe()
         events_done = self._events.stop(left())
         watchdog = self._watchdog
         if watchdog is not None:
             watchdog.join(left())
         watchdog_done = watchdog is None or not watchdog.is_alive()
         engine_done = self._engine.stop_threads(left())
-        return sup_done and listener_done and events_done and watchdog_done and engine_done
+        return sup_done and events_done and watchdog_done and engine_done
 
     def request_stop(self) -> None:
         """Ask for ``stop()`` without waiting: safe in a signal handler (sets flags only).
@@ -483,12 +480,9 @@ class MutexOwner:
     @property
     def threads(self) -> tuple[threading.Thread, ...]:
         """The library threads serving this owner now (for thread dumps and tests): the
-        engine's scheduler and events threads, shared with the other owners on the same
-        client, its release listener and its watchdog. Supervisor threads not included."""
+        engine's scheduler, events and release-hub threads, shared with the other owners
+        on the same client, and its watchdog. Supervisor threads not included."""
         threads = list(self._engine.threads)
-        listener = self._listener
-        if listener is not None and listener.thread is not None:
-            threads.append(listener.thread)
         if self._watchdog is not None:
             threads.append(self._watchdog)
         return tuple(t for t in threads if t.is_alive())
@@ -532,8 +526,7 @@ class MutexOwner:
         if self.supervisor is not None:
             self.supervisor.stop(timeout=0)
         self._engine.remove(self.slot)
-        if self._listener is not None:
-            self._listener.stop()
+        self._unsubscribe()
         self._events.stop()
         self._engine.stop_threads(None)
 
@@ -551,10 +544,13 @@ class MutexOwner:
         """The lease finished on an engine thread: end the owner's own helpers there too (a
         stop requested by a worker or a listener is not waited for by anyone)."""
         self._finished_event.set()
-        listener = self._listener
-        if listener is not None:
-            listener.stop(timeout=0)
+        self._unsubscribe()
         self._events.stop(timeout=0)
+
+    def _unsubscribe(self) -> None:
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            self._engine.unsubscribe(subscription)
 
     def _supervisor_hook(self, what: str, detail: str) -> None:
         with self.slot.lock:  # emitted under the lock: none can follow "stopped"

@@ -6,9 +6,7 @@ import threading
 
 import pytest
 
-from mutexowner.backoff import BackoffPolicy
 from mutexowner.clock import default_clock, wait_on
-from mutexowner.notify import ReleaseListener
 from mutexowner.owner import MutexOwner
 from mutexowner.testing import FakeClock, OwnerDriver, fake_redis
 
@@ -72,37 +70,6 @@ def test_run_for_steps_through_every_renewal_without_real_time() -> None:
     assert owner.state == "stopped"
 
 
-def test_release_listener_calls_back_on_notices_and_after_reconnecting() -> None:
-    client = fake_redis()
-    server = client.connection_pool.connection_kwargs["server"]
-    notices = threading.Semaphore(0)
-    listener = ReleaseListener(
-        client,
-        "chan",
-        notices.release,
-        name="job",
-        backoff=BackoffPolicy(initial=0.01, max_delay=0.05),
-    )
-    listener.start()
-    try:
-        # Once subscribed it wakes the owner once: a release may have come just before.
-        assert notices.acquire(timeout=5)
-        client.publish("chan:other", "x")  # other channels are not notices
-        client.publish("chan", "A")
-        assert notices.acquire(timeout=5)
-        assert not notices.acquire(timeout=0.05)
-        server.connected = False  # outage: the subscription breaks...
-        deadline = default_clock() + 5
-        while listener.failures_seen == 0 and default_clock() < deadline:
-            notices.acquire(timeout=0.01)
-        assert listener.failures_seen > 0
-        server.connected = True
-        # ...and when it comes back, the owner is woken: a release may have been missed.
-        assert notices.acquire(timeout=5)
-    finally:
-        assert listener.stop(timeout=5)
-
-
 def test_a_fresh_fake_server_keeps_its_lock_delay_in_real_time() -> None:
     clock = FakeClock()
     owner = MutexOwner(fake_redis(), "job", ttl=3.0, clock=clock)
@@ -110,25 +77,3 @@ def test_a_fresh_fake_server_keeps_its_lock_delay_in_real_time() -> None:
     assert not driver.run_until(lambda: owner.holding, max_seconds=60)
     assert owner.status().lock_delay_remaining is not None
     driver.stop()
-
-
-def test_release_listener_ignores_its_own_owners_notices() -> None:
-    client = fake_redis()
-    notices = threading.Semaphore(0)
-    listener = ReleaseListener(
-        client,
-        "chan",
-        notices.release,
-        name="job",
-        backoff=BackoffPolicy(initial=0.01, max_delay=0.05),
-        ignore_from="me",
-    )
-    listener.start()
-    try:
-        assert notices.acquire(timeout=5)  # the wake-up once subscribed
-        client.publish("chan", "me")  # our own release: must not cut our own backoff
-        client.publish("chan", "someone-else")
-        assert notices.acquire(timeout=5)
-        assert not notices.acquire(timeout=0.05)
-    finally:
-        assert listener.stop(timeout=5)

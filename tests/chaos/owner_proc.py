@@ -238,8 +238,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     owner.start()
     ledger.write("ready", call_timeout=owner.call_timeout, renew_interval=owner.renew_interval)
     signal.sigwait({signal.SIGTERM})
-    owner_thread = f"mutexowner-{args.name}"
-    owner_alive = any(t.name == owner_thread and t.is_alive() for t in threading.enumerate())
+    owner_alive = any(t.name.startswith("mutexowner-engine-") for t in owner.threads)
     state = owner.state
     stopped = owner.stop(timeout=10.0)
     code = 0 if owner_alive and stopped else 3

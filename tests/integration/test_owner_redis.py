@@ -263,8 +263,7 @@ def assert_fatal_retried_at_the_cap(
     # At the cap, not a hot loop. One early retry may come sooner: the release listener
     # wakes the owner once when its subscription starts (a release may have been missed).
     assert sum(gap < cap * 0.9 for gap in gaps) <= 1, gaps
-    thread = f"mutexowner-{owner.key}"
-    assert any(t.name == thread and t.is_alive() for t in threading.enumerate())
+    assert any(t.name.startswith("mutexowner-engine-") for t in owner.threads)
     return {"last_error": status.last_error, "retry_gap_median": sorted(gaps)[len(gaps) // 2]}
 
 
