@@ -136,7 +136,18 @@ class Engine:
             client = derive_lease_client(self.base_client, timeout=HUB_TIMEOUT)
             hub = ReleaseHub(client, name=f"engine-{self.number}", backoff=backoff)
             self._hub = hub
-        return hub.subscribe(channel, slot.notify_released, ignore_from=identity)
+        return hub.subscribe(channel, lambda: self._on_notice(slot), ignore_from=identity)
+
+    def _on_notice(self, slot: LeaseSlot) -> None:
+        """A release notice for ``slot`` (on the hub thread). A standby takes its look right
+        here, without a hand-over to the scheduler thread: that is the hand-off's latency."""
+        with slot.lock:
+            slot.core.notice_release()
+            standby = slot.core.state == m.ACQUIRING
+        if standby and slot in self._slots:
+            self.run_inline(slot)
+        else:
+            slot.wake()
 
     def unsubscribe(self, subscription: Subscription) -> None:
         with self._cond:

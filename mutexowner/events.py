@@ -190,9 +190,9 @@ class EventDispatcher:
     def emit(self, event: Event) -> None:
         """Queue an event (delivered inline when no thread was started)."""
         if self._shared is not None:
-            self._shared.submit(lambda: self._deliver(event))
+            self._shared.submit(lambda: self.deliver(event))
         elif self._thread is None:
-            self._deliver(event)
+            self.deliver(event)
         else:
             self._queue.put(event)
 
@@ -214,7 +214,7 @@ class EventDispatcher:
                 return
             try:
                 if isinstance(item, Event):
-                    self._deliver(item)
+                    self.deliver(item)
                 elif callable(item):
                     self._run_task(item)
             except BaseException:  # the dispatcher thread must outlive anything it runs
@@ -227,7 +227,8 @@ class EventDispatcher:
         except BaseException:
             log.debug("deferred task failed", exc_info=True)
 
-    def _deliver(self, event: Event) -> None:
+    def deliver(self, event: Event) -> None:
+        """Call every listener with ``event`` now, on this thread (exceptions logged)."""
         with self._lock:
             listeners = list(self._listeners)
         for listener in listeners:
