@@ -83,7 +83,7 @@ def _plan(common: argparse.Namespace) -> list[tuple[str, Any, list[str]]]:
             (
                 "many_leases",
                 many_leases,
-                ["--n", "50", "--idle", "1", "--budget", "60", "--no-targets"],
+                ["--n", "50", "--idle", "1", "--budget", "60", "--no-targets", "--strict"],
             ),
             ("outage", outage, ["--rounds", "1", "--ttl", "1", "--down", "1.5"]),
         ]
