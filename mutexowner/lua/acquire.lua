@@ -12,7 +12,7 @@
 --
 -- Replies: {'acquired'|'renewed'|'retaken', fence, quiet_ms, ttl_ms, replicas, replicated}
 --          replicas: the master's connected replicas now (-1: INFO refused in scripts;
---          -2: not read by this call, because the dataset is already marked replicated);
+--          -2: not read, because this is a renewal of a data set marked replicated);
 --          replicated: '1' once this dataset has been seen on a master with replicas
 --          {'taken', holder identity, pttl, holder fence}
 --          {'quiet', '', quiet_ms, ''}: free, but nobody new may take it for quiet_ms
@@ -56,7 +56,8 @@ end
 -- confirmed call: a restore of older data that still holds our token leaves us the
 -- legitimate holder (docs/safety.md, point 5), and every call that could hand the key to
 -- someone else takes the full path below, which notices the lost state first.
-if own_fence ~= '' and cur[1] == token and epoch[1] then
+local renewing = own_fence ~= '' and cur[1] == token
+if renewing and epoch[1] then
   local checked = tonumber(epoch[5])
   if checked and now_ms >= checked and now_ms - checked < check_ms then
     local replicas = -2
@@ -82,7 +83,10 @@ if type(info) == 'string' then
     run_id = string.match(info, '^%w+', at + 7) or ''
   end
 end
-local replicas = replicas_now()
+local replicas = -2
+if not (renewing and replicated == '1') then
+  replicas = replicas_now()  -- a renewal of a marked data set has no use for the count
+end
 local known_run = epoch[2] or ''
 if not epoch[1] or (run_id ~= '' and known_run ~= '' and known_run ~= run_id) then
   quiet_until = now_ms + ttl_ms

@@ -82,6 +82,10 @@ def test_a_renewal_of_our_own_key_reads_the_run_id_once_per_check_period(
     info_calls(admin)
     assert isinstance(unwaited.renew(token, fence), Renewed)
     assert info_calls(admin) == 0
+    # Its periodic check reads the run_id only.
+    admin.hset(KEYS.epoch, "checked_ms", 0)
+    assert isinstance(unwaited.renew(token, fence), Renewed)
+    assert info_calls(admin) == 1
 
 
 def test_a_changed_server_is_noticed_by_a_newcomer_even_while_the_holder_renews(
