@@ -175,6 +175,14 @@ class LeaseKeys:
         return (self.lease, self.fence, self.epoch)
 
 
+#: A renewal of the key that still holds our token skips ``INFO server`` (the run_id that
+#: reveals a restart from older data or a fail-over) when the script last read it less than
+#: this many ttls ago. Skipping it there cannot let anyone else in (docs/safety.md, point 5):
+#: every call that could hand the key to someone else reads the run_id first. The period
+#: only bounds how late the holder's own renewals record a new server instance (and open
+#: the quiet period for newcomers) when nobody else calls.
+RUN_ID_CHECK_TTLS = 1.0
+
 #: ``min_replicas_timeout`` when neither it nor ``call_timeout`` is given, seconds.
 DEFAULT_MIN_REPLICAS_TIMEOUT = 0.5
 #: Default ``min_replicas_timeout`` as a share of ``call_timeout``: the rest of the call's
@@ -486,6 +494,9 @@ class Lease:
         self.ttl_ms = max(1, round(ttl * 1000))
         self.identity = identity
         self.replicas = ReplicaPolicy.build(min_replicas, min_replicas_timeout, call_timeout)
+        #: How old the script's last reading of the server's run_id may be before a renewal
+        #: of our own key reads it again (`RUN_ID_CHECK_TTLS` ttls; docs/safety.md, point 5).
+        self.check_ms = max(1, round(self.ttl_ms * RUN_ID_CHECK_TTLS))
         #: Replicas the next acquire/renew WAITs for in the same round trip, learnt from the
         #: last reply (so a standalone server never sees a WAIT).
         self._expect_replicas = self.replicas.min_replicas or 0
@@ -553,6 +564,7 @@ class Lease:
             str(self.ttl_ms),
             "" if own_fence is None else str(own_fence),
             new_token(),
+            str(self.check_ms),
         ]
         return keys, args
 
@@ -600,10 +612,16 @@ class Lease:
             with contextlib.suppress(Exception):
                 self._client.connection_pool.disconnect()  # type: ignore[union-attr]
         connected = _int_or_none(reply[4]) if len(reply) > 4 else None
+        if connected is None or connected == -1:
+            count = "the master reports ? connected"
+        elif connected < 0:
+            # -2: a renewal of a dataset already marked replicated does not count them.
+            count = "connected replicas not counted by a renewal"
+        else:
+            count = f"the master reports {connected} connected"
         raise RedisTransientError(
             f"the lease write was acknowledged by {acked} of the {need} replica(s) required "
-            f"within {self.replicas.timeout_ms} ms (min_replicas; the master reports "
-            f"{'?' if connected is None or connected < 0 else connected} connected): not "
+            f"within {self.replicas.timeout_ms} ms (min_replicas; {count}): not "
             f"confirmed; the master may have lost its replicas, be an old master after a "
             f"fail-over, or its replicas lag",
             kind="noreplicas",
