@@ -38,6 +38,9 @@ log = logging.getLogger("mutexowner.engine")
 
 #: Socket timeout of the release hub's pub/sub connection (connect and subscribe replies).
 HUB_TIMEOUT = 1.0
+#: Leases due within this many seconds of one that is due now take their turn with it, so
+#: that their renewals share a pipeline (renewing up to this much early is harmless).
+BATCH_WINDOW = 0.05
 #: After an unexpected error in a lease's turn, try that lease again this much later.
 ERROR_RETRY = 1.0
 
@@ -142,8 +145,12 @@ class Engine:
         """A release notice for ``slot`` (on the hub thread). A standby takes its look right
         here, without a hand-over to the scheduler thread: that is the hand-off's latency."""
         with slot.lock:
-            slot.core.notice_release()
-            standby = slot.core.state == m.ACQUIRING
+            core = slot.core
+            core.notice_release()
+            # A standby waiting on the holder's ttl looks now, here. One due anyway (just
+            # started, or retrying) is left to the scheduler, which batches the looks.
+            waiting = core.next_attempt_at is not None and core.next_attempt_at > self.clock()
+            standby = core.state == m.ACQUIRING and waiting and not core.errors
         if standby and slot in self._slots:
             self.run_inline(slot)
         else:
@@ -220,8 +227,13 @@ class Engine:
                 self._schedule_locked(slot, self.clock() + wait)
 
     def _take_due_locked(self, now: float) -> list[LeaseSlot]:
+        """Every lease due now, and, when one is, those due within BATCH_WINDOW: their
+        round trips share one pipeline (a call sent early only makes its deadline earlier)."""
+        if not self._heap or self._heap[0][0] > now:
+            return []
         due: list[LeaseSlot] = []
-        while self._heap and self._heap[0][0] <= now:
+        horizon = now + BATCH_WINDOW
+        while self._heap and self._heap[0][0] <= horizon:
             at, _, slot = heapq.heappop(self._heap)
             if self._due_at.get(slot) == at:
                 del self._due_at[slot]

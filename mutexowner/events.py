@@ -66,6 +66,8 @@ class EventThread:
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self._stopping = False
+        #: Tasks submitted and not yet finished (drain returns at once when there are none).
+        self._queued = 0
 
     def start(self) -> None:
         if self._thread is not None:
@@ -79,6 +81,8 @@ class EventThread:
 
     def submit(self, task: Callable[[], object]) -> None:
         """Run ``task`` on the thread, after everything submitted before it."""
+        with self._lock:
+            self._queued += 1
         self._queue.put(task)
 
     def drain(self, timeout: Optional[float]) -> bool:
@@ -88,8 +92,11 @@ class EventThread:
             return False
         with self._lock:
             stopping = self._stopping
+            if not stopping and self._queued == 0:
+                return True  # nothing submitted is waiting or running
             if not stopping:
                 done = threading.Event()
+                self._queued += 1
                 self._queue.put(done.set)
         if stopping:  # everything before the stop runs before the thread ends
             thread = self._thread
@@ -126,6 +133,9 @@ class EventThread:
                     item()
             except BaseException:  # the thread must outlive anything it runs
                 log.debug("event task failed on %s", self._name, exc_info=True)
+            finally:
+                with self._lock:
+                    self._queued -= 1
 
 
 class EventDispatcher:
