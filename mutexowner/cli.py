@@ -586,9 +586,7 @@ def check(
         return EXIT_USAGE
     where = redact_url(redis) if isinstance(redis, str) else "the given client"
     try:
-        client = derive_lease_client(
-            client_from(redis, parameter=source), timeout=STATUS_TIMEOUT
-        )
+        client = derive_lease_client(client_from(redis, parameter=source), timeout=STATUS_TIMEOUT)
         try:
             result = check_permissions(client, name, prefix=prefix)
         finally:

@@ -334,8 +334,12 @@ class LeaseCore:
 
     # -- "what now, at time t?" ---------------------------------------------------------------
 
-    def plan(self, now: float) -> Plan:
-        """Do what is due at ``now`` (safety actions included); return the I/O it needs."""
+    def plan(self, now: float, *, early: float = 0.0) -> Plan:
+        """Do what is due at ``now`` (safety actions included); return the I/O it needs.
+
+        ``early``: an acquire or renew due within this many seconds is sent now (so that it
+        shares a batch); only the call may come early, never a safety decision.
+        """
         if self.finished:
             return None
         if self.state == m.STOPPED:
@@ -353,9 +357,9 @@ class LeaseCore:
             self._ensure_workers(now)
         if self.state in (m.SUSPENDED, m.DRAINING):
             self._step_down_if_due(now)
-        return self._io_due(now)
+        return self._io_due(now, early)
 
-    def _io_due(self, now: float) -> Plan:
+    def _io_due(self, now: float, early: float) -> Plan:
         state = self.state
         if state == m.DRAINING and not self.workers_alive():
             # Workers have exited: give the key back (on stop, every token that may be in
@@ -372,7 +376,7 @@ class LeaseCore:
             return Release(tuple(self.outstanding), state)
         if self._policy_due is not None or self.next_attempt_at is None:
             return None
-        if now < self.next_attempt_at or (state == m.ACQUIRING and self.workers_alive()):
+        if now + early < self.next_attempt_at or (state == m.ACQUIRING and self.workers_alive()):
             return None
         token = self.token or new_token()
         self.token = token

@@ -27,9 +27,10 @@ from mutexowner.backoff import BackoffPolicy
 from mutexowner.clock import SAFETY_WAIT_CAP, Clock, wait_on
 from mutexowner.connection import client_from, derive_lease_client
 from mutexowner.core import Call, Release
+from mutexowner.errors import LeaseError
 from mutexowner.events import EventThread
 from mutexowner.hub import ReleaseHub, Subscription
-from mutexowner.lease import Lease, call_many
+from mutexowner.lease import Lease, call_many, release_many
 from mutexowner.slot import CallOutcome, LeaseSlot
 
 __all__ = ["Engine", "engine_for"]
@@ -241,6 +242,8 @@ class Engine:
         return due
 
     def _guarding_locked(self) -> bool:
+        """A lease or a worker is live (waits are then capped: see SAFETY_WAIT_CAP). Stops at
+        the first live one: with many leases held, the first look answers."""
         return any(s.core.state in m.LEASE_STATES or s.core.workers_alive() for s in self._slots)
 
     # -- the scheduler thread ------------------------------------------------------------------
@@ -289,7 +292,7 @@ class Engine:
         try:
             for slot in taken:
                 try:
-                    planned.append((slot, slot.prepare()))
+                    planned.append((slot, slot.prepare(BATCH_WINDOW)))
                 except BaseException as exc:
                     waits[slot] = self._turn_failed(slot, exc)
             self._execute(planned, waits)
@@ -308,12 +311,14 @@ class Engine:
         waits: dict[LeaseSlot, Optional[float]],
     ) -> None:
         calls = [(slot, plan) for slot, plan in planned if isinstance(plan, Call)]
-        outcomes = self._call_all(calls) if calls else {}
+        outcomes: dict[LeaseSlot, Union[CallOutcome, bool]] = {}
+        outcomes.update(self._call_all(calls) if calls else {})
+        outcomes.update(self._release_all(planned))
         for slot, plan in planned:
             if plan is None:
                 continue
             try:
-                outcome = outcomes[slot] if isinstance(plan, Call) else slot.execute(plan)
+                outcome = outcomes[slot] if slot in outcomes else slot.execute(plan)
                 slot.complete(plan, outcome)
             except BaseException as exc:
                 waits[slot] = self._turn_failed(slot, exc)
@@ -338,6 +343,33 @@ class Engine:
             received = self.clock()
             for (slot, _), reply in zip(group, replies):
                 outcomes[slot] = CallOutcome(reply, sent, received)
+        return outcomes
+
+    @staticmethod
+    def _release_all(
+        planned: list[tuple[LeaseSlot, Union[Call, Release, None]]],
+    ) -> dict[LeaseSlot, Union[CallOutcome, bool]]:
+        """Single-token releases of leases on one client, in one round trip (a stop of many
+        leases). Others are left to ``slot.execute``: several tokens stop at the first error."""
+        by_client: dict[int, list[tuple[LeaseSlot, str]]] = {}
+        for slot, plan in planned:
+            if (
+                isinstance(plan, Release)
+                and len(plan.tokens) == 1
+                and slot.lease._batchable_release()
+            ):
+                by_client.setdefault(id(slot.lease.client), []).append((slot, plan.tokens[0]))
+        outcomes: dict[LeaseSlot, Union[CallOutcome, bool]] = {}
+        for group in by_client.values():
+            if len(group) < 2:
+                continue
+            results = release_many([(slot.lease, token) for slot, token in group])
+            for (slot, _), result in zip(group, results):
+                if isinstance(result, LeaseError):
+                    slot.log_release_error(result)
+                    outcomes[slot] = False
+                else:
+                    outcomes[slot] = result
         return outcomes
 
     def _finish(self, slot: LeaseSlot) -> Optional[float]:

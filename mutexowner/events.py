@@ -156,6 +156,10 @@ class EventDispatcher:
         with self._lock:
             self._listeners.append(listener)
 
+    @property
+    def has_listeners(self) -> bool:
+        return bool(self._listeners)
+
     def remove(self, listener: Listener) -> None:
         """Remove a listener; ValueError if it was never added."""
         with self._lock:

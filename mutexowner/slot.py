@@ -84,6 +84,8 @@ class DeferredLog:
                 self._pending.append((level, message, args, exc))
 
     def add_event(self, event: Event) -> None:
+        if not self._events.has_listeners:
+            return  # nobody listens: no work for the events thread
         with self._lock:
             self._pending_events.append(event)
 
@@ -203,11 +205,12 @@ class LeaseSlot:
                 self.complete(plan, self.execute(plan))
             return self.finish_turn()
 
-    def prepare(self) -> Plan:
-        """The core's decision at the clock's now (turn lock held by the caller)."""
+    def prepare(self, early: float = 0.0) -> Plan:
+        """The core's decision at the clock's now (turn lock held by the caller); a call due
+        within ``early`` seconds is made now."""
         with self.lock:
             try:
-                return self.core.plan(self.clock())
+                return self.core.plan(self.clock(), early=early)
             finally:
                 self.cond.notify_all()
 
@@ -296,15 +299,18 @@ class LeaseSlot:
         except ForkedOwnerError:
             raise
         except Exception as exc:
-            error = classify_error(exc)
-            self.log.add(
-                logging.WARNING,
-                "key=%s could not release the lease (%s); it expires within %.3g s",
-                self.core.key,
-                redact_text(str(error)),
-                max(0.0, self.core.deadline_at - self.clock()),
-            )
+            self.log_release_error(classify_error(exc))
             return None
+
+    def log_release_error(self, error: LeaseError) -> None:
+        """A release failed: what is left expires by itself (logged, no retry)."""
+        self.log.add(
+            logging.WARNING,
+            "key=%s could not release the lease (%s); it expires within %.3g s",
+            self.core.key,
+            redact_text(str(error)),
+            max(0.0, self.core.deadline_at - self.clock()),
+        )
 
     # -- stuck workers -------------------------------------------------------------------------
 

@@ -138,11 +138,11 @@ def test_a_lease_whose_turn_raises_does_not_stall_the_others(
     calls = {"n": 0}
     real_prepare = bad.slot.prepare
 
-    def exploding() -> Any:
+    def exploding(early: float = 0.0) -> Any:
         calls["n"] += 1
         if calls["n"] == 1:
             raise SystemExit("a bug in a turn")  # even this must not end the engine
-        return real_prepare()
+        return real_prepare(early)
 
     monkeypatch.setattr(bad.slot, "prepare", exploding)
     good.start()

@@ -266,7 +266,7 @@ class _Reader:
             # and redis-py's parse errors explain the problem.
             text, named = redact_text(str(exc)), f"{self.name(key)}: "
             if text.startswith(named):
-                detail = f": {text[len(named):]}"
+                detail = f": {text[len(named) :]}"
             else:
                 detail = "" if text.startswith(self.name(key)) else f": {text}"
             raise self.fail(
