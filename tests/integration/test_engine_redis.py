@@ -82,6 +82,7 @@ class Fleet:
     n: int
     contested: int
     prefix: str = "k"
+    ttl: float = TTL
     holders: list[MutexOwner] = field(default_factory=list)
     standbys: list[MutexOwner] = field(default_factory=list)
     events: dict[str, list[Event]] = field(default_factory=dict)
@@ -94,7 +95,7 @@ class Fleet:
         return self
 
     def _owner(self, name: str, identity: str, registry: list[MutexOwner]) -> MutexOwner:
-        owner = MutexOwner(self.source, name, ttl=TTL, backoff=BACKOFF, identity=identity)
+        owner = MutexOwner(self.source, name, ttl=self.ttl, backoff=BACKOFF, identity=identity)
         seen: list[Event] = []
         self.events[identity] = seen
         owner.add_listener(seen.append)
@@ -109,7 +110,7 @@ class Fleet:
         for owner in self.holders:
             owner.start()
         # The first acquisition on an empty Redis waits one ttl (lock-delay).
-        assert wait_for(lambda: all(o.holding for o in self.holders), TTL + 10), [
+        assert wait_for(lambda: all(o.holding for o in self.holders), self.ttl + 10), [
             o.status() for o in self.holders if not o.holding
         ][:3]
 
@@ -127,6 +128,18 @@ class Fleet:
 
     def count(self, identity: str, kind: str, since: float) -> int:
         return sum(1 for e in list(self.events[identity]) if e.kind == kind and e.time >= since)
+
+    def renewal_gaps(self, since: float, until: float) -> list[float]:
+        """Seconds between consecutive renewals of each holder, renewals in [since, until]."""
+        gaps = []
+        for owner in self.holders:
+            times = [
+                e.time
+                for e in list(self.events[owner.identity])
+                if e.kind == "renewed" and since <= e.time <= until
+            ]
+            gaps += [b - a for a, b in zip(times, times[1:])]
+        return gaps
 
     def stop_all(self) -> float:
         """Stop every owner (standbys first, so nobody takes over); seconds it took."""
@@ -297,6 +310,8 @@ def test_many_leases_through_a_redis_restart_without_persistence(
 
 N_EACH = 100
 FREEZE = TTL + 0.5
+#: How late a renewal of a healthy server's lease may be while the other server is frozen.
+RENEW_LATE = 0.15
 
 
 def test_a_frozen_server_stalls_only_its_own_leases(
@@ -331,6 +346,7 @@ def test_a_frozen_server_stalls_only_its_own_leases(
             stalled = default_clock() - froze_at
             assert wait_for(lambda: default_clock() > froze_at + FREEZE, FREEZE + 5)
             renewals = [healthy.count(o.identity, "renewed", froze_at) for o in healthy.holders]
+            gaps = healthy.renewal_gaps(froze_at, froze_at + FREEZE)
             assert all(o.holding for o in healthy.holders)
             assert healthy.tokens() == healthy_tokens
         finally:
@@ -345,6 +361,11 @@ def test_a_frozen_server_stalls_only_its_own_leases(
     assert check_holds(holds) == []
     # Server 2's leases never noticed: one hold each, renewed all along (~3 per freeze).
     assert min(renewals) >= 2, renewals
+    # ... on time: each renewal is due renew_interval after the previous one was sent. A
+    # scheduler that waited for server 1's timed-out calls would be late by up to a
+    # call_timeout (ttl/9 = 0.22 s) each time.
+    late = max(gaps) - TTL / 3
+    assert late < RENEW_LATE, sorted(gaps)[-5:]
     for owner in healthy.holders:
         assert len(holds_of(holds, owner.identity)) == 1
         assert healthy.count(owner.identity, "lost", froze_at) == 0
@@ -367,6 +388,7 @@ def test_a_frozen_server_stalls_only_its_own_leases(
         leases=2 * N_EACH,
         stalled=stalled,
         renewals_min=min(renewals),
+        renew_late=late,
         recovered=recovered,
     )
 
@@ -374,6 +396,8 @@ def test_a_frozen_server_stalls_only_its_own_leases(
 # -- fork ---------------------------------------------------------------------------------------
 
 
+#: Short: each first acquisition of a key on a fresh Redis waits one ttl (lock-delay).
+FORK_TTL = 1.0
 #: Bits of the child's exit status, one per check that failed.
 CHILD_CHECKS = (
     "inherited owners report state stopped",
@@ -400,7 +424,7 @@ def _child(inherited: Sequence[MutexOwner], source: object, parent_threads: set[
         began = time.monotonic()
         check(2, all(o.stop(timeout=1) is True for o in inherited))
         check(2, time.monotonic() - began < 1.0)
-        child = MutexOwner(source, "child-key", ttl=TTL, backoff=BACKOFF, identity="child")
+        child = MutexOwner(source, "child-key", ttl=FORK_TTL, backoff=BACKOFF, identity="child")
         child.start()
         check(3, child.wait_until_holding(TTL + 5))
         names = {t.name for t in child.threads}
@@ -418,7 +442,7 @@ def test_fork_with_an_engine_running(
     redis_server: RedisServer, owners: list[MutexOwner], kind: str
 ) -> None:
     source: object = redis_server.url if kind == "url" else redis_server.client()
-    fleet = Fleet(source, 10, 0).build(owners)
+    fleet = Fleet(source, 10, 0, ttl=FORK_TTL).build(owners)
     fleet.start_holders()
     tokens = fleet.tokens()
     parent_threads = {t.name for t in fleet.holders[0].threads}
