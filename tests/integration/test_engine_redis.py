@@ -106,9 +106,13 @@ class Fleet:
     def owners(self) -> list[MutexOwner]:
         return self.holders + self.standbys
 
-    def start_holders(self) -> None:
+    def start_holders(self, wait: bool = True) -> None:
         for owner in self.holders:
             owner.start()
+        if wait:
+            self.wait_holders()
+
+    def wait_holders(self) -> None:
         # The first acquisition on an empty Redis waits one ttl (lock-delay).
         assert wait_for(lambda: all(o.holding for o in self.holders), self.ttl + 10), [
             o.status() for o in self.holders if not o.holding
@@ -323,8 +327,9 @@ def test_a_frozen_server_stalls_only_its_own_leases(
     one, two = redis_server_factory(), redis_server_factory()
     frozen = Fleet(one.client(), N_EACH, 0, prefix="a").build(owners)
     healthy = Fleet(two.url, N_EACH, 0, prefix="b").build(owners)
-    frozen.start_holders()
+    frozen.start_holders(wait=False)
     healthy.start_holders()
+    frozen.wait_holders()
     assert set(frozen.holders[0].threads).isdisjoint(healthy.holders[0].threads)
     assert len(library_threads(before)) <= 2 * MAX_NEW_THREADS
     frozen_tokens, healthy_tokens = frozen.tokens(), healthy.tokens()
