@@ -6,7 +6,8 @@ stdout, each a JSON object with ``ev`` and ``t`` (``time.monotonic()``, comparab
 processes on Linux). Config keys: ``kind``, ``port``, ``name``, ``role``, ``client_name``,
 ``lease`` (lease length in seconds, or null for the library's default), ``renew_every``
 (seconds between manual renewals for peers that have no renewal of their own, or null),
-``shutdown_timeout`` (mutexowner's supervisor).
+``shutdown_timeout`` (mutexowner's supervisor), ``supervisor`` (mutexowner: false runs the
+owner without a supervisor; default true, one worker).
 
 The peers are used through their documented public APIs with their default waiting
 behaviour; the only non-defaults are stated in ``make_peer``.
@@ -282,18 +283,22 @@ class OwnerAgent:
         self.client, self.name = client, name
         self.ttl = float(config.get("lease") or 10.0)
         self.shutdown = float(config.get("shutdown_timeout") or 5.0)
+        self.supervised = bool(config.get("supervisor", True))
         self.keys = LeaseKeys(name)
         self.owner: Optional[Any] = None
 
     def acquire(self) -> None:
-        sup = self.mod.Supervisor(shutdown_timeout=self.shutdown)
+        sup = None
+        if self.supervised:
+            sup = self.mod.Supervisor(shutdown_timeout=self.shutdown)
 
-        def work(ctx: Any) -> None:
-            emit("worker_start", fence=ctx.fencing_token)
-            ctx.stopping.wait()
-            emit("worker_end")
+            def work(ctx: Any) -> None:
+                t = now()  # the worker's first line: the hand-off benchmark's end point
+                emit("worker_start", t=t, fence=ctx.fencing_token)
+                ctx.stopping.wait()
+                emit("worker_end")
 
-        sup.add(work, name="work")
+            sup.add(work, name="work")
         owner = self.mod.MutexOwner(
             self.client,
             self.name,
@@ -346,7 +351,11 @@ class OwnerAgent:
         if owner is None:
             return {"believes_held": False}
         status = owner.status()
-        return {"believes_held": status.holding, "state": status.state}
+        return {
+            "believes_held": status.holding,
+            "state": status.state,
+            "renew_interval": owner.renew_interval,
+        }
 
 
 # -- main loop -----------------------------------------------------------------------------

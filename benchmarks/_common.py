@@ -194,12 +194,18 @@ def seed_epoch(client: redis.Redis, name: str) -> None:
     server looks like one that lost its data. A benchmark of hand-off or failover times is
     not about that wait, so it takes and releases the lease once with a 10 ms ttl first.
     """
+    seed_epochs(client, [name])
+
+
+def seed_epochs(client: redis.Redis, names: Iterable[str]) -> None:
+    """`seed_epoch` for many names, with one wait for the quiet periods at the end."""
     from mutexowner.lease import Lease, new_token
 
-    lease = Lease(client, name, ttl=0.01, identity="benchmark-seed")
-    token = new_token()
-    lease.acquire(token)
-    lease.release(token)
+    for name in names:
+        lease = Lease(client, name, ttl=0.01, identity="benchmark-seed")
+        token = new_token()
+        lease.acquire(token)
+        lease.release(token)
     time.sleep(0.03)
 
 
@@ -395,10 +401,11 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def summary(values: Sequence[float]) -> dict[str, Any]:
-    """n, median, p99, mean, min, max of ``values`` (NaN when empty)."""
+    """n, median, p90, p99, mean, min, max of ``values`` (NaN when empty)."""
     return {
         "n": len(values),
         "median": percentile(values, 50),
+        "p90": percentile(values, 90),
         "p99": percentile(values, 99),
         "mean": sum(values) / len(values) if values else math.nan,
         "min": min(values) if values else math.nan,

@@ -4,10 +4,16 @@ Each contender runs as two processes, A and B, on its own key of one shared redi
 A round: the waiter starts a blocking acquire (mutexowner: a new ``MutexOwner`` is started
 and has been told the key is taken, and its release subscription is live; python-redis-lock:
 its BLPOP is pending), then after a random pause of ``--phase`` seconds the holder releases
-(mutexowner: ``stop()``, which stops the workers, releases and publishes the notice). The
-figure is ``t(waiter's acquire returned / on_acquired called) - t(just before release)``,
-both ``time.monotonic()`` in different processes. Roles then swap. Rounds of the contenders
-are interleaved in a fresh random order each round, so machine noise hits all of them alike.
+(mutexowner: ``stop()``, which stops the workers if any, releases and publishes the notice).
+The figure is ``t(waiter's acquire returned) - t(just before release)``, both
+``time.monotonic()`` in different processes. Roles then swap. Rounds of the contenders are
+interleaved in a fresh random order each round, so machine noise hits all of them alike.
+
+mutexowner runs twice, as two contenders: ``mutexowner`` without a supervisor, whose waiter
+"holds" when its ``on_acquired`` callback runs, and ``mutexowner+supervisor`` with a
+``Supervisor`` and one worker, whose waiter "holds" at the first line of its worker (the
+holder's ``stop()`` then also stops its worker first). These are the two hand-off rows of
+issue 12's targets, both compared with python-redis-lock's median in the same run.
 
 Each library runs with its own defaults (ttl 10 s for mutexowner, no expiry for redis-py and
 python-redis-lock, 10 s for pottery, 60 s for sherlock); the hold between rounds is short.
@@ -18,7 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 from _common import (
     CONTENDERS,
@@ -26,6 +32,7 @@ from _common import (
     RedisProc,
     base_parser,
     chosen,
+    fmt,
     log_dir,
     ratio,
     rng,
@@ -46,12 +53,25 @@ WAITING = {
 }
 
 
-#: The stages of a mutexowner hand-off, timed from its events.
-PARTS = (
-    "stop() -> released+published",
-    "published -> waiter acquired",
-    "acquired -> on_acquired callback",
-)
+#: mutexowner's two variants: label -> (supervisor?, the waiter's event that ends a hand-off).
+MO_VARIANTS = {
+    "mutexowner": (False, "acquired"),
+    "mutexowner+supervisor": (True, "worker_start"),
+}
+WAITING["mutexowner+supervisor"] = WAITING["mutexowner"] + " (to its worker's first line)"
+#: The contender the targets compare with, and issue 12's targets (largest p50 ratio to it).
+REFERENCE = "python-redis-lock"
+TARGETS = {"mutexowner": 1.0, "mutexowner+supervisor": 1.5}
+
+
+def _parts(label: str) -> tuple[str, str, str]:
+    """The stages of a mutexowner hand-off, timed from its events."""
+    last = "on_acquired callback" if label == "mutexowner" else "worker's first line"
+    return (
+        "stop() -> released+published",
+        "published -> waiter acquired",
+        f"acquired -> {last}",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -65,93 +85,125 @@ def parser() -> argparse.ArgumentParser:
         metavar=("MIN", "MAX"),
         help="the holder releases uniform(MIN, MAX) s after the waiter is waiting",
     )
+    p.add_argument(
+        "--mutexowner-variants",
+        default=",".join(MO_VARIANTS),
+        help=f"comma-separated subset of {','.join(MO_VARIANTS)}",
+    )
+    p.add_argument("--no-targets", action="store_true", help="print figures only (quick mode)")
     return p
+
+
+def _labels(args: argparse.Namespace) -> list[str]:
+    """The contenders as rows: mutexowner as its chosen variants, then the peers."""
+    labels: list[str] = []
+    for kind in chosen(args, CONTENDERS):
+        if kind == "mutexowner":
+            wanted = {v.strip() for v in str(args.mutexowner_variants).split(",")}
+            unknown = wanted - set(MO_VARIANTS) - {""}
+            if unknown:
+                raise SystemExit(f"unknown mutexowner variant(s): {', '.join(sorted(unknown))}")
+            labels += [v for v in MO_VARIANTS if v in wanted]
+        else:
+            labels.append(kind)
+    return labels
+
+
+def _kind(label: str) -> str:
+    return "mutexowner" if label in MO_VARIANTS else label
 
 
 def run(server: RedisProc, args: argparse.Namespace) -> dict[str, Any]:
     random = rng(args)
-    kinds = chosen(args, CONTENDERS)
+    labels = _labels(args)
     logs = log_dir(args)
     coord = server.client(client_name="bench-coordinator")
     started = time.monotonic()
     pairs: dict[str, list[Agent]] = {}
     try:
-        for kind in kinds:
-            name = f"handoff-{kind}"
+        for label in labels:
+            kind = _kind(label)
+            name = f"handoff-{label}"
+            config: dict[str, Any] = {
+                "kind": kind,
+                "port": server.port,
+                "name": name,
+                "lease": None,
+                "renew_every": None,
+            }
             if kind == "mutexowner":
                 seed_epoch(coord, name)
+                config["supervisor"] = MO_VARIANTS[label][0]
             agents = [
-                Agent(
-                    {
-                        "kind": kind,
-                        "port": server.port,
-                        "name": name,
-                        "role": role,
-                        "client_name": f"handoff-{kind}-{role}",
-                        "lease": None,
-                        "renew_every": None,
-                    },
-                    logs,
-                )
+                Agent({**config, "role": role, "client_name": f"handoff-{label}-{role}"}, logs)
                 for role in ("a", "b")
             ]
             for agent in agents:
                 agent.ready()
             agents[0].send("acquire")
             agents[0].expect("acquired", 30)
-            pairs[kind] = agents
-        latency: dict[str, list[float]] = {k: [] for k in kinds}
-        release_call: dict[str, list[float]] = {k: [] for k in kinds}
-        parts: dict[str, list[float]] = {name: [] for name in PARTS}
+            pairs[label] = agents
+        latency: dict[str, list[float]] = {k: [] for k in labels}
+        release_call: dict[str, list[float]] = {k: [] for k in labels}
+        parts: dict[str, dict[str, list[float]]] = {
+            label: {stage: [] for stage in _parts(label)}
+            for label in labels
+            if label in MO_VARIANTS
+        }
         for _round in range(args.rounds):
-            order = list(kinds)
+            order = list(labels)
             random.shuffle(order)
-            for kind in order:
-                holder, waiter = pairs[kind]
+            for label in order:
+                kind = _kind(label)
+                holder, waiter = pairs[label]
                 waiter.send("acquire")
                 waiter.expect("waiting", 15)
                 standby_ready(kind, waiter, coord)
                 time.sleep(random.uniform(*args.phase))
                 holder.send("release")
                 released = holder.expect("released", 30)
-                acquired = waiter.expect("acquired", 30)
                 if released.get("error"):
                     raise RuntimeError(f"{holder.label} release failed: {released['error']}")
                 t0 = released["t0"]
-                latency[kind].append((acquired["t"] - t0) * 1000)
-                if kind == "mutexowner":
+                end_event = MO_VARIANTS[label][1] if label in MO_VARIANTS else "acquired"
+                done = waiter.expect(end_event, 30, after=t0)
+                latency[label].append((done["t"] - t0) * 1000)
+                if label in MO_VARIANTS:
                     # Where the time goes: holder's release published, waiter's owner thread
-                    # saw "acquired", the events thread called on_acquired.
+                    # saw "acquired", then on_acquired ran / the worker's first line ran.
                     notice = holder.expect("mo.released", 10, after=t0)["t_event"]
                     held = waiter.expect("mo.acquired", 10, after=t0)["t_event"]
-                    parts["stop() -> released+published"].append((notice - t0) * 1000)
-                    parts["published -> waiter acquired"].append((held - notice) * 1000)
-                    parts["acquired -> on_acquired callback"].append((acquired["t"] - held) * 1000)
-                release_call[kind].append((released["t1"] - released["t0"]) * 1000)
-                pairs[kind] = [waiter, holder]
+                    if end_event != "acquired":
+                        waiter.expect("acquired", 10, after=t0)  # keep that cursor in step
+                    stages = parts[label]
+                    first, second, third = _parts(label)
+                    stages[first].append((notice - t0) * 1000)
+                    stages[second].append((held - notice) * 1000)
+                    stages[third].append((done["t"] - held) * 1000)
+                release_call[label].append((released["t1"] - released["t0"]) * 1000)
+                pairs[label] = [waiter, holder]
     finally:
         for agents in pairs.values():
             for agent in agents:
                 agent.close()
-    base: Optional[dict[str, Any]] = None
     rows: list[dict[str, Any]] = []
-    for kind in kinds:
-        stats = summary(latency[kind])
-        if kind == "mutexowner":
-            base = stats
+    for label in labels:
         rows.append(
             {
-                "contender": kind,
-                "waiting": WAITING[kind],
-                "latency_ms": stats,
-                "release_call_ms": summary(release_call[kind]),
-                "samples_ms": latency[kind],
+                "contender": label,
+                "waiting": WAITING[label],
+                "latency_ms": summary(latency[label]),
+                "release_call_ms": summary(release_call[label]),
+                "samples_ms": latency[label],
             }
         )
+    base = next((r["latency_ms"] for r in rows if r["contender"] == "mutexowner"), None)
+    ref = next((r["latency_ms"] for r in rows if r["contender"] == REFERENCE), None)
     for row in rows:
         stats = row["latency_ms"]
         row["median_ratio"] = ratio(stats["median"], base["median"]) if base else None
         row["p99_ratio"] = ratio(stats["p99"], base["p99"]) if base else None
+        row["median_ratio_to_reference"] = ratio(stats["median"], ref["median"]) if ref else None
     return {
         "benchmark": "handoff",
         "rounds": args.rounds,
@@ -159,7 +211,12 @@ def run(server: RedisProc, args: argparse.Namespace) -> dict[str, Any]:
         "processes": "two processes per contender (holder, waiter), roles swap each round",
         "elapsed_s": time.monotonic() - started,
         "results": rows,
-        "mutexowner_breakdown_ms": {name: summary(values) for name, values in parts.items()},
+        "reference": REFERENCE,
+        "targets": not args.no_targets,
+        "mutexowner_breakdown_ms": {
+            label: {stage: summary(values) for stage, values in stages.items()}
+            for label, stages in parts.items()
+        },
     }
 
 
@@ -172,11 +229,13 @@ def render(result: dict[str, Any]) -> str:
                 row["contender"],
                 s["n"],
                 s["median"],
+                s["p90"],
                 s["p99"],
                 s["min"],
                 s["max"],
                 row["median_ratio"],
                 row["p99_ratio"],
+                row.get("median_ratio_to_reference"),
                 row["release_call_ms"]["median"],
                 row["waiting"],
             ]
@@ -186,7 +245,7 @@ def render(result: dict[str, Any]) -> str:
         f"{result['rounds']} rounds, interleaved; {result['processes']}; "
         f"phase uniform{tuple(result['phase_s'])} s; took {result['elapsed_s']:.0f} s"
     )
-    return (
+    text = (
         head
         + "\n"
         + table(
@@ -194,27 +253,60 @@ def render(result: dict[str, Any]) -> str:
                 "contender",
                 "n",
                 "median",
+                "p90",
                 "p99",
                 "min",
                 "max",
                 "x median",
                 "x p99",
+                "x prl p50",
                 "release() ms",
                 "waiter learns by",
             ],
             rows,
         )
-        + "\n(x = ratio to mutexowner; release() ms = duration of the holder's release/stop call)"
-        + _render_breakdown(result)
+        + "\n(x = ratio to mutexowner; x prl p50 = median's ratio to python-redis-lock's median; "
+        "release() ms = duration of the holder's release/stop call)" + _render_breakdown(result)
     )
+    if result.get("targets"):
+        text += "".join("\n" + line for line in target_lines(result))
+    return text
+
+
+def target_lines(result: dict[str, Any]) -> list[str]:
+    """Issue 12's hand-off targets: mutexowner's median over the reference's, same run."""
+    by_label = {row["contender"]: row for row in result["results"]}
+    ref = by_label.get(result.get("reference", REFERENCE))
+    lines = []
+    for label, limit in TARGETS.items():
+        row = by_label.get(label)
+        if row is None or ref is None:
+            continue
+        value = row["median_ratio_to_reference"]
+        verdict = "met" if value is not None and value <= limit else "MISSED"
+        what = (
+            "no supervisor, to on_acquired"
+            if label == "mutexowner"
+            else "to the worker's first line"
+        )
+        lines.append(
+            f"Targets hand-off p50 {label} ({what}): {row['latency_ms']['median']:.2f} ms vs "
+            f"{ref['contender']} {ref['latency_ms']['median']:.2f} ms = {fmt(value)}x "
+            f"(target <= {limit:g}x: {verdict})"
+        )
+    return lines
 
 
 def _render_breakdown(result: dict[str, Any]) -> str:
-    parts = result.get("mutexowner_breakdown_ms") or {}
-    if not parts or not any(s["n"] for s in parts.values()):
-        return ""
-    rows = [[name, s["median"], s["p99"]] for name, s in parts.items()]
-    return "\nmutexowner hand-off, stage by stage (ms):\n" + table(["stage", "median", "p99"], rows)
+    out = ""
+    for label, parts in (result.get("mutexowner_breakdown_ms") or {}).items():
+        if not parts or not any(s["n"] for s in parts.values()):
+            continue
+        rows = [[name, s["median"], s["p90"], s["p99"]] for name, s in parts.items()]
+        out += f"\n{label} hand-off, stage by stage (ms):\n" + table(
+            ["stage", "median", "p90", "p99"], rows
+        )
+    return out
 
 
 if __name__ == "__main__":

@@ -12,6 +12,12 @@ own CPU time (``resource.getrusage(RUSAGE_SELF)``: all its threads, user + syste
 Part B. Server time of one renewal call: the coordinator renews a held lock of each
 contender ``--calls`` times in a row and reads EVALSHA's ``usec_per_call`` from INFO
 commandstats (every contender renews with a Lua script), plus the client-side round trip.
+
+Part C. One mutexowner owner alone, holding, idle, no supervisor (the baseline of issue 12's
+"one owner, idle: no worse than today"): in its own process, over a window of whole renew
+intervals (about ``--seconds``, at least one), its CPU time and every command the server
+executed (INFO commandstats deltas, commands inside scripts included, the benchmark's own
+INFO excluded; nothing else runs meanwhile), both per renew interval.
 """
 
 from __future__ import annotations
@@ -204,8 +210,7 @@ def _idle_processes(
         cmd: (calls - stats0.get(cmd, (0, 0.0))[0], usec - stats0.get(cmd, (0, 0.0))[1])
         for cmd, (calls, usec) in stats1.items()
     }
-    own = {"info", "client|list", "monitor", "ping", "client|setname"}
-    server_calls = {cmd: c for cmd, (c, _u) in delta.items() if c > 0 and cmd not in own}
+    server_calls = {cmd: c for cmd, (c, _u) in delta.items() if c > 0 and cmd not in OWN_COMMANDS}
     return {
         "window_s": window,
         "rows": rows,
@@ -294,17 +299,64 @@ def _renewal_calls(
     return rows
 
 
+#: The benchmark's own commands, never counted as a contender's work.
+OWN_COMMANDS = {"info", "client|list", "monitor", "ping", "client|setname", "config|resetstat"}
+
+
+def _one_owner_idle(server: RedisProc, args: argparse.Namespace) -> dict[str, Any]:
+    """Part C: one idle holding mutexowner, alone: CPU and Redis commands per renew interval."""
+    coord = server.client(client_name="bench-coordinator")
+    config = _config("mutexowner", server, "alone")
+    config["supervisor"] = False
+    seed_epoch(coord, config["name"])
+    agent = Agent(config, log_dir(args)).ready()
+    try:
+        agent.send("acquire")
+        agent.expect("acquired", 30)
+        interval = float(agent.request("status", "status")["renew_interval"])
+        intervals = max(1, round(args.seconds / interval))
+        time.sleep(args.warmup)
+        stats0 = _commandstats(coord)
+        cpu0 = agent.request("rusage", "rusage")
+        time.sleep(intervals * interval)
+        cpu1 = agent.request("rusage", "rusage")
+        stats1 = _commandstats(coord)
+        held = agent.request("status", "status")["believes_held"]
+    finally:
+        agent.close()
+    window = cpu1["t"] - cpu0["t"]
+    per = interval / window if window > 0 else float("nan")
+    commands = {
+        cmd: calls - stats0.get(cmd, (0, 0.0))[0]
+        for cmd, (calls, _u) in stats1.items()
+        if cmd not in OWN_COMMANDS and calls - stats0.get(cmd, (0, 0.0))[0] > 0
+    }
+    return {
+        "renew_interval_s": interval,
+        "window_s": window,
+        "intervals": intervals,
+        "held_throughout": bool(held),
+        "cpu_ms_per_renew_interval": (cpu1["cpu"] - cpu0["cpu"]) * 1000 * per,
+        "commands_per_renew_interval": sum(commands.values()) * per,
+        "evalsha_per_renew_interval": commands.get("evalsha", 0) * per,
+        "commands": commands,
+        "threads": cpu1["threads"],
+    }
+
+
 def run(server: RedisProc, args: argparse.Namespace) -> dict[str, Any]:
     kinds = chosen(args, CONTENDERS)
     started = time.monotonic()
     idle = _idle_processes(server, args, kinds)
     calls = _renewal_calls(server, args, kinds)
+    alone = _one_owner_idle(server, args) if "mutexowner" in kinds else None
     return {
         "benchmark": "renewal_cost",
         "lease_s": LEASE,
         "elapsed_s": time.monotonic() - started,
         "idle": idle,
         "renewal_call": calls,
+        "one_owner_idle": alone,
     }
 
 
@@ -360,6 +412,21 @@ def render(result: dict[str, Any]) -> str:
         rows,
         digits=1,
     )
+    alone = result.get("one_owner_idle")
+    if alone:
+        top = ", ".join(
+            f"{c} {n}" for c, n in sorted(alone["commands"].items(), key=lambda x: -x[1])
+        )
+        text += (
+            f"\n\n3c. One mutexowner owner alone, holding, idle, no supervisor, lease "
+            f"{result['lease_s']:g} s: per renew interval ({alone['renew_interval_s']:.2f} s; "
+            f"window {alone['intervals']} intervals, {alone['window_s']:.1f} s): "
+            f"CPU {alone['cpu_ms_per_renew_interval']:.2f} ms, Redis commands "
+            f"{alone['commands_per_renew_interval']:.2f} (EVALSHA "
+            f"{alone['evalsha_per_renew_interval']:.2f}; all: {top or 'none'}); "
+            f"{alone['threads']} threads in its process; held throughout: "
+            f"{'yes' if alone['held_throughout'] else 'NO'}"
+        )
     return text
 
 

@@ -35,7 +35,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, NoReturn, Optional
 
 __all__ = ["Schedule", "main", "now", "parse_line"]
 
@@ -279,30 +279,51 @@ def group_signals() -> list[int]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    """Start the command in a new group, enforce the lease on it, and exit as it did."""
     fd, deadline, grace, margin, command = _parse_argv(sys.argv[1:] if argv is None else argv)
-    ignored = []
-    for s in group_signals():
-        with contextlib.suppress(OSError, ValueError):
-            signal.signal(s, signal.SIG_IGN)
-            ignored.append(s)
+    ignored = _ignore_group_signals()
     if os.getpgrp() != os.getpid():  # every group signal below must hit only our group
         os.setsid()
     _become_subreaper()
     pid = os.fork()
     if pid == 0:
-        code = 127
-        try:
-            os.close(fd)
-            for s in ignored:  # an ignored signal stays ignored across exec: give them back
-                signal.signal(s, signal.SIG_DFL)
-            os.execvp(command[0], command)
-        except OSError as exc:
-            code = 127 if isinstance(exc, FileNotFoundError) else 126
-            os.write(2, f"mutexowner run: cannot execute {command[0]!r}: {exc.strerror}\n".encode())
-        finally:
-            os._exit(code)
+        _exec_command(fd, ignored, command)
+    _start_enforcing(fd, Schedule(deadline, grace, margin))
+    status = _wait_for(pid)
+    _reap_zombies()
+    # What the command left in the group is stopped here, where the lease is still enforced,
+    # not after we exit (the runner may be frozen just then).
+    _stop_leftovers(grace)
+    _exit_as(status)
 
-    schedule = Schedule(deadline, grace, margin)
+
+def _ignore_group_signals() -> list[int]:
+    """Ignore every group signal this platform lets us ignore; return those ignored."""
+    ignored = []
+    for s in group_signals():
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(s, signal.SIG_IGN)
+            ignored.append(s)
+    return ignored
+
+
+def _exec_command(fd: int, ignored: list[int], command: list[str]) -> NoReturn:
+    """In the forked child: become the command (exit 127 not found, 126 not executable)."""
+    code = 127
+    try:
+        os.close(fd)
+        for s in ignored:  # an ignored signal stays ignored across exec: give them back
+            signal.signal(s, signal.SIG_DFL)
+        os.execvp(command[0], command)
+    except OSError as exc:
+        code = 127 if isinstance(exc, FileNotFoundError) else 126
+        os.write(2, f"mutexowner run: cannot execute {command[0]!r}: {exc.strerror}\n".encode())
+    finally:
+        os._exit(code)
+
+
+def _start_enforcing(fd: int, schedule: Schedule) -> None:
+    """Threads that move ``schedule`` with the pipe's lines and signal the group on time."""
     cond = threading.Condition()
 
     def on_line(line: bytes) -> None:
@@ -318,18 +339,22 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     threading.Thread(target=_watch_pipe, args=(fd, on_line), daemon=True).start()
     threading.Thread(target=_enforce, args=(schedule, cond), daemon=True).start()
+
+
+def _wait_for(pid: int) -> int:
+    """Reap children until ``pid`` exits (orphans come to us too: subreaper); its status."""
     status = 0
     while True:
         try:
-            reaped, status = os.waitpid(-1, 0)  # orphans come to us too (subreaper)
+            reaped, status = os.waitpid(-1, 0)
         except InterruptedError:
             continue
         if reaped == pid:
-            break
-    _reap_zombies()
-    # What the command left in the group is stopped here, where the lease is still enforced,
-    # not after we exit (the runner may be frozen just then).
-    _stop_leftovers(grace)
+            return status
+
+
+def _exit_as(status: int) -> NoReturn:
+    """Exit with the command's status, or die from the signal that killed it."""
     if os.WIFSIGNALED(status):
         n = os.WTERMSIG(status)
         with contextlib.suppress(OSError, ValueError):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Optional
 
@@ -297,62 +297,84 @@ def check_permissions(
     """
     keys = LeaseKeys(validate_name(name), prefix)
     who = user or _whoami(client)
-    scratch = [f"{keys.tag}:check:{secrets.token_hex(4)}:{part}" for part in ("h", "s")]
-    channel = f"{keys.channel}:check-{secrets.token_hex(4)}"
-    missing: list[str] = []
-    missing_keys: list[str] = []
+    denials = _Denials(f"{keys.tag}:*")
+    reply = _run_probe(client, keys, denials)
+    refused, failed, keys_refused, channel_missing = _probe_refusals(reply)
+    unsupported = [f.split(":", 1)[0] for f in failed if _unsupported_optional(f)]
+    failed = [f for f in failed if not _unsupported_optional(f)]
+    denials.commands += refused
+    if keys_refused:
+        denials.keys.append(denials.key_pattern)
+    channel_missing |= _try_subscribe(client, [keys.channel], denials.commands)
+    _check_wait(client, denials)
+    ordered = tuple(sorted(dict.fromkeys(denials.commands), key=_command_order))
+    return AclCheck(
+        user=who,
+        missing_commands=ordered,
+        missing_keys=tuple(dict.fromkeys(denials.keys)),
+        missing_channels=(denials.key_pattern,) if channel_missing else (),
+        errors=tuple(failed),
+        unsupported=tuple(unsupported),
+    )
 
-    def denied_command(exc: BaseException, fallback: str) -> None:
+
+@dataclass
+class _Denials:
+    """What ``check_permissions`` found refused so far: commands, and key access."""
+
+    #: The lease's key pattern, ``<prefix>:{name}:*``: what a key refusal is reported as.
+    key_pattern: str
+    commands: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+
+    def add(self, exc: BaseException, fallback: str) -> None:
+        """Record what a permission error names: a command (``fallback`` if none), or keys."""
         match = _DENIED_COMMAND.search(str(exc))
         if match:
             # Redis 6.2 names only the parent of a subcommand ('script' for SCRIPT LOAD).
             named = match.group(1).lower()
-            missing.append(fallback if fallback.split("|")[0] == named else named)
+            self.commands.append(fallback if fallback.split("|")[0] == named else named)
         elif "keys" in str(exc):
-            missing_keys.append(f"{keys.tag}:*")
+            self.keys.append(self.key_pattern)
         else:
-            missing.append(fallback)
+            self.commands.append(fallback)
 
+
+def _run_probe(client: redis.Redis, keys: LeaseKeys, denials: _Denials) -> Any:
+    """Load and run the probe script on scratch keys; its reply, or None if it could not run.
+
+    A refused SCRIPT LOAD or EVALSHA is recorded in ``denials``; other errors propagate.
+    """
+    scratch = [f"{keys.tag}:check:{secrets.token_hex(4)}:{part}" for part in ("h", "s")]
+    channel = f"{keys.channel}:check-{secrets.token_hex(4)}"
     probe = client.register_script(_PROBE_LUA)
     try:
         client.script_load(_PROBE_LUA)
     except rex.ResponseError as exc:
         if not _denied(exc):
             raise
-        denied_command(exc, "script|load")
-    reply: Any = None
+        denials.add(exc, "script|load")
     try:
-        reply = client.evalsha(probe.sha, 2, *scratch, channel)
+        return client.evalsha(probe.sha, 2, *scratch, channel)
     except rex.NoScriptError:
-        pass  # SCRIPT LOAD was refused: EVALSHA cannot be tried further
+        return None  # SCRIPT LOAD was refused: EVALSHA cannot be tried further
     except rex.ResponseError as exc:
         if not _denied(exc):
             raise
-        denied_command(exc, "evalsha")
-    refused, failed, keys_refused, channel_missing = _probe_refusals(reply)
-    unsupported = [f.split(":", 1)[0] for f in failed if _unsupported_optional(f)]
-    failed = [f for f in failed if not _unsupported_optional(f)]
-    missing += refused
-    if keys_refused:
-        missing_keys.append(f"{keys.tag}:*")
-    channel_missing |= _try_subscribe(client, [keys.channel], missing)
+        denials.add(exc, "evalsha")
+        return None
+
+
+def _check_wait(client: redis.Redis, denials: _Denials) -> None:
+    """Try ``WAIT 0 0`` (it returns at once); a refusal is recorded in ``denials``."""
     try:
-        client.execute_command("WAIT", 0, 0)  # type: ignore[no-untyped-call]  # returns at once
+        client.execute_command("WAIT", 0, 0)  # type: ignore[no-untyped-call]
     except rex.ResponseError as exc:
         if _denied(exc):
-            denied_command(exc, "wait")
+            denials.add(exc, "wait")
         elif "unknown command" not in str(exc).lower():
             raise
         # A server without WAIT has no replicas to wait for: the lease never sends it there.
-    ordered = tuple(sorted(dict.fromkeys(missing), key=_command_order))
-    return AclCheck(
-        user=who,
-        missing_commands=ordered,
-        missing_keys=tuple(dict.fromkeys(missing_keys)),
-        missing_channels=(f"{keys.tag}:*",) if channel_missing else (),
-        errors=tuple(failed),
-        unsupported=tuple(unsupported),
-    )
 
 
 def _unsupported_optional(failure: str) -> bool:

@@ -180,7 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="debug, info, warning, error or critical (default depends on the command)",
     )
     commands = parser.add_subparsers(dest="command_name", metavar="COMMAND")
+    _add_demo_parser(commands)
+    _add_run_parser(commands)
+    _add_status_parser(commands)
+    _add_acl_parser(commands)
+    return parser
 
+
+def _add_demo_parser(commands: Any) -> None:
+    """The ``demo`` subcommand: three in-process owners on an embedded fake Redis."""
     demo = commands.add_parser(
         "demo",
         help="watch three owners compete for a lease (no Redis server needed)",
@@ -212,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed of the random choices (default: random)",
     )
 
+
+def _add_run_parser(commands: Any) -> None:
+    """The ``run`` subcommand: its lease, restart and wait options, then the command."""
     run = commands.add_parser(
         "run",
         help="run a command on exactly one host of the fleet",
@@ -234,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID",
         help="name shown to other hosts (default: <hostname>:<pid>:<random>)",
     )
+    _add_run_restart_options(run)
+    _add_run_wait_options(run)
+    run.add_argument("command", nargs="*", metavar="COMMAND", help=argparse.SUPPRESS)
+
+
+def _add_run_restart_options(run: argparse.ArgumentParser) -> None:
+    """``run``'s options for stopping the command and restarting it when it exits."""
     run.add_argument(
         "--max-restarts",
         type=int,
@@ -271,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
         "the default), always (an exit 0 is restarted after 1 s), never; restarts after a "
         "failure count against --max-restarts",
     )
+
+
+def _add_run_wait_options(run: argparse.ArgumentParser) -> None:
+    """``run``'s options for giving up on the lease and for holding it after the command."""
     run.add_argument(
         "--wait",
         type=float,
@@ -293,8 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="when the command ended on its own, keep the lease (running nothing) until S "
         "seconds after it started, so late hosts still skip (default: 0)",
     )
-    run.add_argument("command", nargs="*", metavar="COMMAND", help=argparse.SUPPRESS)
 
+
+def _add_status_parser(commands: Any) -> None:
+    """The ``status`` subcommand: show the holder, or ``--check`` the Redis user's rights."""
     status_parser = commands.add_parser(
         "status",
         help="show who holds a lease",
@@ -312,8 +336,6 @@ def build_parser() -> argparse.ArgumentParser:
         f"lease and use its channels; print what is missing in ACL terms; exit {EXIT_OK} when "
         f"nothing is, {EXIT_PERMISSIONS} when something is, {EXIT_USAGE} on error",
     )
-    _add_acl_parser(commands)
-    return parser
 
 
 def _add_acl_parser(commands: Any) -> None:
@@ -586,9 +608,7 @@ def check(
         return EXIT_USAGE
     where = redact_url(redis) if isinstance(redis, str) else "the given client"
     try:
-        client = derive_lease_client(
-            client_from(redis, parameter=source), timeout=STATUS_TIMEOUT
-        )
+        client = derive_lease_client(client_from(redis, parameter=source), timeout=STATUS_TIMEOUT)
         try:
             result = check_permissions(client, name, prefix=prefix)
         finally:

@@ -379,9 +379,7 @@ def describe_client(client: redis.Redis) -> str:
             _host_port(s.connection_pool.connection_kwargs) for s in pool.sentinel_manager.sentinels
         )
         scheme = "rediss" if "SSL" in getattr(pool.connection_class, "__name__", "") else "redis"
-        return (
-            f"{scheme}+sentinel://{_auth(kw)}{sentinels}/{pool.service_name}/{kw.get('db', 0)}"
-        )
+        return f"{scheme}+sentinel://{_auth(kw)}{sentinels}/{pool.service_name}/{kw.get('db', 0)}"
     if "path" in kw:
         return f"unix://{kw['path']}?db={kw.get('db', 0)}"
     scheme = "rediss" if "SSL" in getattr(pool.connection_class, "__name__", "") else "redis"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Protocol, Union, get_args
 
@@ -143,9 +144,62 @@ Plan = Union[Call, Release, None]
 
 
 class _Model:
-    """The object ``transitions`` drives: it holds only the state name (and gets the triggers)."""
+    """The object ``transitions`` drives: the state name (and the triggers it gets), and the
+    core whose ``_on_state_change`` runs after each transition."""
 
-    state: str
+    def __init__(self, core: LeaseCore) -> None:
+        self.state = m.STOPPED
+        self.core = core
+
+
+def _state_changed(event: EventData) -> None:
+    model = event.model
+    assert isinstance(model, _Model)
+    model.core._on_state_change(event)
+
+
+class _MachinePool:
+    """Shared ``transitions`` machines, each driving up to MODELS_PER_MACHINE leases.
+
+    One machine per lease costs ~22 KB and ~1 ms to build; a model added to a shared machine
+    costs a third of that. Machines are capped because ``add_model`` scans its model list.
+    A lease joins at ``begin`` and leaves when it finishes, so a lease never started or long
+    gone costs nothing here. Callers serialise their own models' triggers; the pool's lock
+    guards only membership.
+    """
+
+    MODELS_PER_MACHINE = 256
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._machines: list[Machine] = []
+
+    def join(self, model: _Model) -> Machine:
+        with self._lock:
+            for machine in self._machines:
+                if len(machine.models) < self.MODELS_PER_MACHINE:
+                    break
+            else:
+                machine = Machine(
+                    name=f"{MACHINE_NAME_PREFIX}pool-{len(self._machines)}]",
+                    model=None,
+                    states=list(m.STATES),
+                    transitions=m.TRANSITIONS,
+                    initial=m.STOPPED,
+                    auto_transitions=False,
+                    send_event=True,
+                    after_state_change=_state_changed,
+                )
+                self._machines.append(machine)
+            machine.add_model(model, initial=model.state)
+            return machine
+
+    def leave(self, machine: Machine, model: _Model) -> None:
+        with self._lock:
+            machine.remove_model(model)
+
+
+_MACHINES = _MachinePool()
 
 
 class LeaseCore:
@@ -182,19 +236,10 @@ class LeaseCore:
         self._emit_event = emit
         self._log = log
         self._rng = rng if rng is not None else random.Random()
-        # A plain Machine: the caller serialises every call, so the machine's own locking
-        # (a LockedMachine) would only add cost to every transition.
-        self._model = _Model()
-        self._machine = Machine(
-            name=f"{MACHINE_NAME_PREFIX}{key}]",
-            model=self._model,
-            states=list(m.STATES),
-            transitions=m.TRANSITIONS,
-            initial=m.STOPPED,
-            auto_transitions=False,
-            send_event=True,
-            after_state_change=self._on_state_change,
-        )
+        # A plain Machine shared with other leases (see _MachinePool): the caller serialises
+        # every call, so a LockedMachine's own locking would only add cost to each transition.
+        self._model = _Model(self)
+        self._machine: Optional[Machine] = None
         self.token: Optional[str] = None
         #: Tokens sent to Redis whose key may still hold them (an acquire or renew executed
         #: or of unknown outcome), oldest first: a stop releases them all, so that no late
@@ -266,6 +311,7 @@ class LeaseCore:
         self.started = True
         self.token = new_token()
         self.next_attempt_at = now
+        self._machine = _MACHINES.join(self._model)
         self._fire("start")
 
     def request_stop(self) -> None:
@@ -282,15 +328,18 @@ class LeaseCore:
         """As if the process died: no transition, no event, nothing released."""
         self.finished = True
         self.stop_requested = True
-        self.guard_until = -math.inf
-        self.next_attempt_at = None
-        self._model.state = m.STOPPED
         self.holding_period = False
+        self._set_finished()
+        self._model.state = m.STOPPED
 
     # -- "what now, at time t?" ---------------------------------------------------------------
 
-    def plan(self, now: float) -> Plan:
-        """Do what is due at ``now`` (safety actions included); return the I/O it needs."""
+    def plan(self, now: float, *, early: float = 0.0) -> Plan:
+        """Do what is due at ``now`` (safety actions included); return the I/O it needs.
+
+        ``early``: an acquire or renew due within this many seconds is sent now (so that it
+        shares a batch); only the call may come early, never a safety decision.
+        """
         if self.finished:
             return None
         if self.state == m.STOPPED:
@@ -308,9 +357,9 @@ class LeaseCore:
             self._ensure_workers(now)
         if self.state in (m.SUSPENDED, m.DRAINING):
             self._step_down_if_due(now)
-        return self._io_due(now)
+        return self._io_due(now, early)
 
-    def _io_due(self, now: float) -> Plan:
+    def _io_due(self, now: float, early: float) -> Plan:
         state = self.state
         if state == m.DRAINING and not self.workers_alive():
             # Workers have exited: give the key back (on stop, every token that may be in
@@ -327,7 +376,7 @@ class LeaseCore:
             return Release(tuple(self.outstanding), state)
         if self._policy_due is not None or self.next_attempt_at is None:
             return None
-        if now < self.next_attempt_at or (state == m.ACQUIRING and self.workers_alive()):
+        if now + early < self.next_attempt_at or (state == m.ACQUIRING and self.workers_alive()):
             return None
         token = self.token or new_token()
         self.token = token
@@ -741,13 +790,17 @@ class LeaseCore:
     # -- the machine --------------------------------------------------------------------------
 
     def _fire(self, trigger: str, **kwargs: Any) -> None:
+        assert self._machine is not None, "begin() first"
         self._machine.events[trigger].trigger(self._model, **kwargs)
 
     def _set_finished(self) -> None:
-        """Reached stopped for good."""
+        """Reached stopped for good: leave the shared machine."""
         self.finished = True
         self.next_attempt_at = None
         self.guard_until = -math.inf
+        machine, self._machine = self._machine, None
+        if machine is not None:
+            _MACHINES.leave(machine, self._model)
 
     def _on_state_change(self, event: EventData) -> None:
         source = event.transition.source if event.transition is not None else None

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, TextIO
+from typing import Any, Callable, Optional, TextIO, Union
 
 from mutexowner import machine as m
 from mutexowner.backoff import BackoffPolicy
@@ -481,6 +481,16 @@ def _fmt(value: Optional[float], unit: str = "s") -> str:
     return f"{value:.2f} s"
 
 
+@dataclass(frozen=True)
+class _Target:
+    """Where the demo runs: the client, the fake server (None: real), the lease name."""
+
+    client: Any
+    fake_server: Any
+    name: str
+    where: str
+
+
 def run_demo(
     *,
     seconds: float = DEFAULT_SECONDS,
@@ -500,8 +510,25 @@ def run_demo(
     plan = DemoPlan.for_seconds(seconds)
     if seed is None:
         seed = secrets.randbelow(10**6)
-    rng = random.Random(seed)
-    fake_server: Any = None
+    target = _connect(redis_url, err)
+    if isinstance(target, DemoResult):
+        return target
+    demo = _Demo(plan, target.client, target.name, random.Random(seed), out, target.fake_server)
+    _print_header(demo, target, seed)
+    try:
+        _run_scenario(demo, with_outage=target.fake_server is not None)
+    finally:
+        demo.stop_all()
+        if target.fake_server is None:
+            _delete_demo_keys(target, err)
+    left = _leftover_threads(grace=2.0)
+    if left:
+        demo.failures.append(f"threads left running: {', '.join(left)}")
+    return _summarise(demo, target.fake_server is not None)
+
+
+def _connect(redis_url: Optional[str], err: TextIO) -> Union[_Target, DemoResult]:
+    """The embedded fake Redis, or the server at ``redis_url``; a usage failure if neither works."""
     if redis_url is None:
         try:
             client, fake_server = _fake_client()
@@ -511,54 +538,61 @@ def run_demo(
                 "pip install 'mutexowner[demo]' (or pass --redis URL)\n"
             )
             return _usage_failure("fakeredis missing")
-        name, where = "demo", "an embedded fake Redis (no server needed)"
-    else:
-        try:
-            client = client_from(redis_url, parameter="--redis")
-            derive_lease_client(client, timeout=1.0).ping()
-        except Exception as exc:
-            err.write(
-                f"mutexowner demo: cannot use Redis at {redact_url(redis_url)}: "
-                f"{redact_text(str(exc))}\n"
-            )
-            return _usage_failure("redis unreachable")
-        name = f"mutexowner-demo:{secrets.token_hex(4)}"
-        where = redact_url(redis_url)
+        return _Target(client, fake_server, "demo", "an embedded fake Redis (no server needed)")
+    try:
+        client = client_from(redis_url, parameter="--redis")
+        derive_lease_client(client, timeout=1.0).ping()
+    except Exception as exc:
+        err.write(
+            f"mutexowner demo: cannot use Redis at {redact_url(redis_url)}: "
+            f"{redact_text(str(exc))}\n"
+        )
+        return _usage_failure("redis unreachable")
+    return _Target(client, None, f"mutexowner-demo:{secrets.token_hex(4)}", redact_url(redis_url))
 
-    demo = _Demo(plan, client, name, rng, out, fake_server)
-    tl = demo.timeline
+
+def _print_header(demo: _Demo, target: _Target, seed: int) -> None:
+    """The timeline's first lines: who competes where, the timing, the seed, the columns."""
+    tl, plan = demo.timeline, demo.plan
     tl.header(
         f"mutexowner demo: {len(NODES)} owners ({', '.join(NODES)}) compete for the lease "
-        f"{name!r} on {where}"
+        f"{target.name!r} on {target.where}"
     )
     tl.header(
         f"ttl {plan.ttl:g} s (renewed every {LeaseTiming.of(plan.ttl).renew_interval:.2g} s), "
         f"seed {seed}, at most "
         f"{plan.seconds:g} s; scenario: start, holder crash, clean hand-off, "
-        + ("Redis outage, stop" if fake_server is not None else "stop (no outage: real server)")
+        + (
+            "Redis outage, stop"
+            if target.fake_server is not None
+            else "stop (no outage: real server)"
+        )
     )
     tl.header(f"{'time':>7}  {'owner':<7} {'change':<40} {'fencing token':<17} workers running")
+
+
+def _run_scenario(demo: _Demo, *, with_outage: bool) -> None:
+    """The phases in order, stopping at the first that fails; an error becomes a failure."""
     try:
         ok = demo.phase_start() and demo.phase_crash() and demo.phase_hand_off()
         if ok:
-            if fake_server is not None:
+            if with_outage:
                 demo.phase_outage()
             else:
-                tl.note("outage phase skipped: a real Redis server cannot be cut off from here")
+                demo.timeline.note(
+                    "outage phase skipped: a real Redis server cannot be cut off from here"
+                )
     except Exception as exc:  # report, then still stop every owner
         log.exception("demo scenario failed")
         demo.failures.append(f"unexpected error: {redact_text(str(exc))}")
-    finally:
-        demo.stop_all()
-        if fake_server is None:
-            try:
-                derive_lease_client(client, timeout=1.0).delete(*LeaseKeys(name).all())
-            except Exception as exc:
-                err.write(f"mutexowner demo: could not delete the demo keys: {exc}\n")
-    left = _leftover_threads(grace=2.0)
-    if left:
-        demo.failures.append(f"threads left running: {', '.join(left)}")
-    return _summarise(demo, fake_server is not None)
+
+
+def _delete_demo_keys(target: _Target, err: TextIO) -> None:
+    """Remove the random lease's keys from the real server the demo ran on."""
+    try:
+        derive_lease_client(target.client, timeout=1.0).delete(*LeaseKeys(target.name).all())
+    except Exception as exc:
+        err.write(f"mutexowner demo: could not delete the demo keys: {exc}\n")
 
 
 def _usage_failure(reason: str) -> DemoResult:

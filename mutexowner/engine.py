@@ -27,9 +27,10 @@ from mutexowner.backoff import BackoffPolicy
 from mutexowner.clock import SAFETY_WAIT_CAP, Clock, wait_on
 from mutexowner.connection import client_from, derive_lease_client
 from mutexowner.core import Call, Release
+from mutexowner.errors import LeaseError
 from mutexowner.events import EventThread
 from mutexowner.hub import ReleaseHub, Subscription
-from mutexowner.lease import Lease, call_many
+from mutexowner.lease import Lease, call_many, release_many
 from mutexowner.slot import CallOutcome, LeaseSlot
 
 __all__ = ["Engine", "engine_for"]
@@ -38,6 +39,9 @@ log = logging.getLogger("mutexowner.engine")
 
 #: Socket timeout of the release hub's pub/sub connection (connect and subscribe replies).
 HUB_TIMEOUT = 1.0
+#: Leases due within this many seconds of one that is due now take their turn with it, so
+#: that their renewals share a pipeline (renewing up to this much early is harmless).
+BATCH_WINDOW = 0.05
 #: After an unexpected error in a lease's turn, try that lease again this much later.
 ERROR_RETRY = 1.0
 
@@ -136,7 +140,22 @@ class Engine:
             client = derive_lease_client(self.base_client, timeout=HUB_TIMEOUT)
             hub = ReleaseHub(client, name=f"engine-{self.number}", backoff=backoff)
             self._hub = hub
-        return hub.subscribe(channel, slot.notify_released, ignore_from=identity)
+        return hub.subscribe(channel, lambda: self._on_notice(slot), ignore_from=identity)
+
+    def _on_notice(self, slot: LeaseSlot) -> None:
+        """A release notice for ``slot`` (on the hub thread). A standby takes its look right
+        here, without a hand-over to the scheduler thread: that is the hand-off's latency."""
+        with slot.lock:
+            core = slot.core
+            core.notice_release()
+            # A standby waiting on the holder's ttl looks now, here. One due anyway (just
+            # started, or retrying) is left to the scheduler, which batches the looks.
+            waiting = core.next_attempt_at is not None and core.next_attempt_at > self.clock()
+            standby = core.state == m.ACQUIRING and waiting and not core.errors
+        if standby and slot in self._slots:
+            self.run_inline(slot)
+        else:
+            slot.wake()
 
     def unsubscribe(self, subscription: Subscription) -> None:
         with self._cond:
@@ -209,8 +228,13 @@ class Engine:
                 self._schedule_locked(slot, self.clock() + wait)
 
     def _take_due_locked(self, now: float) -> list[LeaseSlot]:
+        """Every lease due now, and, when one is, those due within BATCH_WINDOW: their
+        round trips share one pipeline (a call sent early only makes its deadline earlier)."""
+        if not self._heap or self._heap[0][0] > now:
+            return []
         due: list[LeaseSlot] = []
-        while self._heap and self._heap[0][0] <= now:
+        horizon = now + BATCH_WINDOW
+        while self._heap and self._heap[0][0] <= horizon:
             at, _, slot = heapq.heappop(self._heap)
             if self._due_at.get(slot) == at:
                 del self._due_at[slot]
@@ -218,6 +242,8 @@ class Engine:
         return due
 
     def _guarding_locked(self) -> bool:
+        """A lease or a worker is live (waits are then capped: see SAFETY_WAIT_CAP). Stops at
+        the first live one: with many leases held, the first look answers."""
         return any(s.core.state in m.LEASE_STATES or s.core.workers_alive() for s in self._slots)
 
     # -- the scheduler thread ------------------------------------------------------------------
@@ -266,7 +292,7 @@ class Engine:
         try:
             for slot in taken:
                 try:
-                    planned.append((slot, slot.prepare()))
+                    planned.append((slot, slot.prepare(BATCH_WINDOW)))
                 except BaseException as exc:
                     waits[slot] = self._turn_failed(slot, exc)
             self._execute(planned, waits)
@@ -285,12 +311,14 @@ class Engine:
         waits: dict[LeaseSlot, Optional[float]],
     ) -> None:
         calls = [(slot, plan) for slot, plan in planned if isinstance(plan, Call)]
-        outcomes = self._call_all(calls) if calls else {}
+        outcomes: dict[LeaseSlot, Union[CallOutcome, bool]] = {}
+        outcomes.update(self._call_all(calls) if calls else {})
+        outcomes.update(self._release_all(planned))
         for slot, plan in planned:
             if plan is None:
                 continue
             try:
-                outcome = outcomes[slot] if isinstance(plan, Call) else slot.execute(plan)
+                outcome = outcomes[slot] if slot in outcomes else slot.execute(plan)
                 slot.complete(plan, outcome)
             except BaseException as exc:
                 waits[slot] = self._turn_failed(slot, exc)
@@ -315,6 +343,33 @@ class Engine:
             received = self.clock()
             for (slot, _), reply in zip(group, replies):
                 outcomes[slot] = CallOutcome(reply, sent, received)
+        return outcomes
+
+    @staticmethod
+    def _release_all(
+        planned: list[tuple[LeaseSlot, Union[Call, Release, None]]],
+    ) -> dict[LeaseSlot, Union[CallOutcome, bool]]:
+        """Single-token releases of leases on one client, in one round trip (a stop of many
+        leases). Others are left to ``slot.execute``: several tokens stop at the first error."""
+        by_client: dict[int, list[tuple[LeaseSlot, str]]] = {}
+        for slot, plan in planned:
+            if (
+                isinstance(plan, Release)
+                and len(plan.tokens) == 1
+                and slot.lease._batchable_release()
+            ):
+                by_client.setdefault(id(slot.lease.client), []).append((slot, plan.tokens[0]))
+        outcomes: dict[LeaseSlot, Union[CallOutcome, bool]] = {}
+        for group in by_client.values():
+            if len(group) < 2:
+                continue
+            results = release_many([(slot.lease, token) for slot, token in group])
+            for (slot, _), result in zip(group, results):
+                if isinstance(result, LeaseError):
+                    slot.log_release_error(result)
+                    outcomes[slot] = False
+                else:
+                    outcomes[slot] = result
         return outcomes
 
     def _finish(self, slot: LeaseSlot) -> Optional[float]:

@@ -66,6 +66,8 @@ class EventThread:
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self._stopping = False
+        #: Tasks submitted and not yet finished (drain returns at once when there are none).
+        self._queued = 0
 
     def start(self) -> None:
         if self._thread is not None:
@@ -79,6 +81,8 @@ class EventThread:
 
     def submit(self, task: Callable[[], object]) -> None:
         """Run ``task`` on the thread, after everything submitted before it."""
+        with self._lock:
+            self._queued += 1
         self._queue.put(task)
 
     def drain(self, timeout: Optional[float]) -> bool:
@@ -88,8 +92,11 @@ class EventThread:
             return False
         with self._lock:
             stopping = self._stopping
+            if not stopping and self._queued == 0:
+                return True  # nothing submitted is waiting or running
             if not stopping:
                 done = threading.Event()
+                self._queued += 1
                 self._queue.put(done.set)
         if stopping:  # everything before the stop runs before the thread ends
             thread = self._thread
@@ -126,6 +133,9 @@ class EventThread:
                     item()
             except BaseException:  # the thread must outlive anything it runs
                 log.debug("event task failed on %s", self._name, exc_info=True)
+            finally:
+                with self._lock:
+                    self._queued -= 1
 
 
 class EventDispatcher:
@@ -145,6 +155,10 @@ class EventDispatcher:
             raise TypeError(f"listener must be callable, got {type(listener).__name__}")
         with self._lock:
             self._listeners.append(listener)
+
+    @property
+    def has_listeners(self) -> bool:
+        return bool(self._listeners)
 
     def remove(self, listener: Listener) -> None:
         """Remove a listener; ValueError if it was never added."""
@@ -190,9 +204,9 @@ class EventDispatcher:
     def emit(self, event: Event) -> None:
         """Queue an event (delivered inline when no thread was started)."""
         if self._shared is not None:
-            self._shared.submit(lambda: self._deliver(event))
+            self._shared.submit(lambda: self.deliver(event))
         elif self._thread is None:
-            self._deliver(event)
+            self.deliver(event)
         else:
             self._queue.put(event)
 
@@ -214,7 +228,7 @@ class EventDispatcher:
                 return
             try:
                 if isinstance(item, Event):
-                    self._deliver(item)
+                    self.deliver(item)
                 elif callable(item):
                     self._run_task(item)
             except BaseException:  # the dispatcher thread must outlive anything it runs
@@ -227,7 +241,8 @@ class EventDispatcher:
         except BaseException:
             log.debug("deferred task failed", exc_info=True)
 
-    def _deliver(self, event: Event) -> None:
+    def deliver(self, event: Event) -> None:
+        """Call every listener with ``event`` now, on this thread (exceptions logged)."""
         with self._lock:
             listeners = list(self._listeners)
         for listener in listeners:

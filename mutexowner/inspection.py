@@ -291,6 +291,10 @@ class RedisCheck:
         ]
 
 
+#: ``check_redis``'s steps so far: (step, passed, detail).
+_Steps = list[tuple[str, bool, str]]
+
+
 def check_redis(reader: LeaseReader) -> RedisCheck:
     """Test that Redis answers and that the lease can work: PING, SCRIPT EXISTS for the
     lease's scripts (loaded or not, both are fine: the owner loads them), one read-only
@@ -298,24 +302,41 @@ def check_redis(reader: LeaseReader) -> RedisCheck:
     the scripts run, the keys, the channels; a degraded mode is reported, not failed).
     Stops at the first failure other than an ACL refusal (then the permission step lists
     every grant missing); never raises."""
-    steps: list[tuple[str, bool, str]] = []
+    steps: _Steps = []
     client = reader.client
+    if not _check_ping(client, steps) or not _check_scripts(client, steps):
+        return RedisCheck(False, tuple(steps))
+    refused = _check_inspect(reader, steps)
+    if refused is not None and refused != "noperm":
+        return RedisCheck(False, tuple(steps))
+    passed = _check_grants(client, reader, steps)
+    return RedisCheck(refused is None and passed, tuple(steps))
 
-    def failed(name: str, exc: Exception) -> str:
-        error = classify_error(exc)
-        steps.append((name, False, redact_text(str(error))))
-        return error.kind
 
+def _failed(steps: _Steps, name: str, exc: Exception) -> str:
+    """Record step ``name`` as failed with ``exc`` (redacted); return the error's kind."""
+    error = classify_error(exc)
+    steps.append((name, False, redact_text(str(error))))
+    return error.kind
+
+
+def _check_ping(client: redis.Redis, steps: _Steps) -> bool:
+    """PING; a refusal by the ACL passes (the lease never sends PING). False: stop here."""
     try:
         pong = client.ping()
     except Exception as exc:
         if classify_error(exc).kind != "noperm":
-            failed("PING", exc)
-            return RedisCheck(False, tuple(steps))
+            _failed(steps, "PING", exc)
+            return False
         # Refused by the ACL: Redis answered and knows the user; the lease never sends PING.
         steps.append(("PING", True, "answering (PING not permitted for this user: not needed)"))
     else:
         steps.append(("PING", True, "PONG" if pong else repr(pong)))
+    return True
+
+
+def _check_scripts(client: redis.Redis, steps: _Steps) -> bool:
+    """SCRIPT EXISTS for the lease's scripts (a refusal passes). False: stop here."""
     shas = [client.register_script(text).sha for text in (ACQUIRE_LUA, RELEASE_LUA, INSPECT_LUA)]
     try:
         exists = client.script_exists(*shas)
@@ -323,36 +344,42 @@ def check_redis(reader: LeaseReader) -> RedisCheck:
         if classify_error(exc).kind == "noperm":  # the lease needs only EVALSHA / SCRIPT LOAD
             steps.append(("SCRIPT EXISTS", True, "not permitted for this user (not needed)"))
         else:
-            failed("SCRIPT EXISTS", exc)
-            return RedisCheck(False, tuple(steps))
+            _failed(steps, "SCRIPT EXISTS", exc)
+            return False
     else:
         loaded = sum(1 for flag in exists if flag)
         steps.append(
             ("SCRIPT EXISTS", True, f"{loaded} of {len(shas)} lease scripts cached by Redis")
         )
-    view_ok = True
+    return True
+
+
+def _check_inspect(reader: LeaseReader, steps: _Steps) -> Optional[str]:
+    """One read-only ``inspect`` call: None when it passed, else the error's kind."""
     try:
         info = reader._current_lease().inspect()
     except Exception as exc:
-        view_ok = False
-        if failed("inspect script", exc) != "noperm":
-            return RedisCheck(False, tuple(steps))
-    else:
-        steps.append(
-            (
-                "inspect script",
-                True,
-                f"lease held by {info.holder}" if info.holder else "lease free",
-            )
+        return _failed(steps, "inspect script", exc)
+    steps.append(
+        (
+            "inspect script",
+            True,
+            f"lease held by {info.holder}" if info.holder else "lease free",
         )
+    )
+    return None
+
+
+def _check_grants(client: redis.Redis, reader: LeaseReader, steps: _Steps) -> bool:
+    """The user's permissions (``acl.check_permissions``); True when nothing required lacks."""
     try:
         acl = check_permissions(client, reader.name, prefix=reader.prefix)
     except Exception as exc:
-        failed("permissions", exc)
-        return RedisCheck(False, tuple(steps))
+        _failed(steps, "permissions", exc)
+        return False
     passed = not acl.required_missing and not acl.errors
     detail = "; ".join([acl.describe(), *acl.degraded()])
     if not passed:
         detail += f" (run `mutexowner acl --key {reader.name}` for the rules the lease needs)"
     steps.append(("permissions", passed, detail))
-    return RedisCheck(view_ok and passed, tuple(steps))
+    return passed

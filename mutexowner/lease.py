@@ -42,6 +42,7 @@ __all__ = [
     "call_many",
     "classify_error",
     "new_token",
+    "release_many",
     "unwrap_script_error",
 ]
 
@@ -174,6 +175,14 @@ class LeaseKeys:
     def all(self) -> tuple[str, str, str]:
         return (self.lease, self.fence, self.epoch)
 
+
+#: A renewal of the key that still holds our token skips ``INFO server`` (the run_id that
+#: reveals a restart from older data or a fail-over) when the script last read it less than
+#: this many ttls ago. Skipping it there cannot let anyone else in (docs/safety.md, point 5):
+#: every call that could hand the key to someone else reads the run_id first. The period
+#: only bounds how late the holder's own renewals record a new server instance (and open
+#: the quiet period for newcomers) when nobody else calls.
+RUN_ID_CHECK_TTLS = 1.0
 
 #: ``min_replicas_timeout`` when neither it nor ``call_timeout`` is given, seconds.
 DEFAULT_MIN_REPLICAS_TIMEOUT = 0.5
@@ -486,6 +495,9 @@ class Lease:
         self.ttl_ms = max(1, round(ttl * 1000))
         self.identity = identity
         self.replicas = ReplicaPolicy.build(min_replicas, min_replicas_timeout, call_timeout)
+        #: How old the script's last reading of the server's run_id may be before a renewal
+        #: of our own key reads it again (`RUN_ID_CHECK_TTLS` ttls; docs/safety.md, point 5).
+        self.check_ms = max(1, round(self.ttl_ms * RUN_ID_CHECK_TTLS))
         #: Replicas the next acquire/renew WAITs for in the same round trip, learnt from the
         #: last reply (so a standalone server never sees a WAIT).
         self._expect_replicas = self.replicas.min_replicas or 0
@@ -553,6 +565,7 @@ class Lease:
             str(self.ttl_ms),
             "" if own_fence is None else str(own_fence),
             new_token(),
+            str(self.check_ms),
         ]
         return keys, args
 
@@ -561,6 +574,10 @@ class Lease:
         acquire/renew not replaced on this object (a test's fault injection, a wrapper)."""
         replaced = "acquire" in self.__dict__ or "renew" in self.__dict__
         return self._cluster is None and self._expect_replicas == 0 and not replaced
+
+    def _batchable_release(self) -> bool:
+        """A release may go in a pipeline with other leases' releases."""
+        return self._cluster is None and "release" not in self.__dict__
 
     def _acquire_or_renew(self, token: str, own_fence: Optional[int]) -> LeaseResult:
         keys, args = self._script_call(token, own_fence)
@@ -600,10 +617,16 @@ class Lease:
             with contextlib.suppress(Exception):
                 self._client.connection_pool.disconnect()  # type: ignore[union-attr]
         connected = _int_or_none(reply[4]) if len(reply) > 4 else None
+        if connected is None or connected == -1:
+            count = "the master reports ? connected"
+        elif connected < 0:
+            # -2: a renewal of a dataset already marked replicated does not count them.
+            count = "connected replicas not counted by a renewal"
+        else:
+            count = f"the master reports {connected} connected"
         raise RedisTransientError(
             f"the lease write was acknowledged by {acked} of the {need} replica(s) required "
-            f"within {self.replicas.timeout_ms} ms (min_replicas; the master reports "
-            f"{'?' if connected is None or connected < 0 else connected} connected): not "
+            f"within {self.replicas.timeout_ms} ms (min_replicas; {count}): not "
             f"confirmed; the master may have lost its replicas, be an old master after a "
             f"fail-over, or its replicas lag",
             kind="noreplicas",
@@ -810,11 +833,80 @@ def _run_batch(
 
 
 def _pipeline(calls: Sequence[tuple[Lease, str, Optional[int]]], batch: list[int]) -> list[Any]:
-    client = calls[batch[0]][0]._client
-    assert isinstance(client, redis.Redis)
-    pipe = client.pipeline(transaction=False)
+    """EVALSHA of every call at ``batch`` in one write and one read (same client)."""
+    commands = []
     for i in batch:
         lease, token, fence = calls[i]
         keys, args = lease._script_call(token, fence)
-        pipe.evalsha(lease._acquire.sha, len(keys), *keys, *args)
-    return list(pipe.execute(raise_on_error=False))
+        commands.append((lease._acquire.sha, keys, args))
+    return _send_batch(calls[batch[0]][0]._client, commands)
+
+
+def _resp(parts: Sequence[Union[str, bytes]]) -> bytes:
+    """One command in the Redis protocol (all arguments are text)."""
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def _send_batch(client: Any, commands: list[tuple[str, list[str], list[str]]]) -> list[Any]:
+    """Send EVALSHA commands as one write on one pooled connection and read every reply: a
+    reply that is an error comes back as the exception, in its place. The connection is
+    dropped on any other error (a lease call never reuses a connection in an unknown
+    state). redis-py's pipeline would cost twice the CPU per command here, in packing."""
+    assert isinstance(client, redis.Redis)
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        packed = b"".join(
+            _resp(["EVALSHA", sha, str(len(keys)), *keys, *args]) for sha, keys, args in commands
+        )
+        conn.send_packed_command([packed])  # type: ignore[no-untyped-call]
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(conn.read_response())
+            except rex.ResponseError as error:
+                replies.append(error)
+        return replies
+    except BaseException:
+        conn.disconnect()  # type: ignore[no-untyped-call]
+        raise
+    finally:
+        pool.release(conn)
+
+
+def release_many(calls: Sequence[tuple[Lease, str]]) -> list[Union[bool, LeaseError]]:
+    """Release each ``(lease, token)`` (leases on one standalone client) in one round trip;
+    per call: True if the token held the key, False if not, or the classified error."""
+    if not calls:
+        return []
+    first = calls[0][0]
+    commands = [
+        (lease._release.sha, [lease.keys.lease], [token, lease.keys.channel, lease.identity])
+        for lease, token in calls
+    ]
+    try:
+        replies = first._run(lambda: _send_batch(first._client, commands))
+    except ForkedOwnerError:
+        raise
+    except LeaseError as error:
+        return [error for _ in calls]
+    results: list[Union[bool, LeaseError]] = []
+    for (lease, token), reply in zip(calls, replies):
+        if isinstance(reply, Exception):  # NOSCRIPT included: the single call loads it
+            results.append(_release_one(lease, token))
+        else:
+            results.append(bool(int(reply)))
+    return results
+
+
+def _release_one(lease: Lease, token: str) -> Union[bool, LeaseError]:
+    try:
+        return lease.release(token)
+    except ForkedOwnerError:
+        raise
+    except Exception as exc:
+        return classify_error(exc)

@@ -135,22 +135,9 @@ def run_once(
     with side effects that must not happen twice should check a fencing token (the
     ``MutexOwner`` API with workers does this for you).
     """
-    wait = finite_number("wait", wait)
-    if wait < 0:
-        raise ValueError(f"wait must be >= 0 seconds, got {wait!r}")
-    hold_at_least = finite_number("hold_at_least", hold_at_least)
-    if hold_at_least < 0:
-        raise ValueError(f"hold_at_least must be >= 0 seconds, got {hold_at_least!r}")
-    if not callable(fn):
-        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    wait, hold_at_least = _checked_arguments(fn, wait, hold_at_least)
     owner = MutexOwner(redis, name, ttl=ttl, **owner_options)
-    lost = threading.Event()
-
-    def on_event(event: Event) -> None:
-        if event.kind == "lost" and event.reason != "stopped":
-            lost.set()
-
-    owner.add_listener(on_event)
+    lost = _lost_flag(owner)
     owner.start()
     try:
         outcome = wait_for_lease(owner, wait)
@@ -159,29 +146,69 @@ def run_once(
             log.info("lease %r %s: not running the job", name, reason.replace("_", " "))
             return RunOnceResult(ran=False, reason=reason)
         # The key is ours; a lock-delay may still be running (Redis had lost its state).
-        pause = threading.Event()
-        while not owner.holding:
-            if owner.state not in m.LEASE_STATES:
-                log.warning("lease %r lost before the job could start: not running it", name)
-                return RunOnceResult(ran=False, reason=LOST_BEFORE_START)
-            pause.wait(_POLL)
+        if not _wait_until_holding(owner):
+            log.warning("lease %r lost before the job could start: not running it", name)
+            return RunOnceResult(ran=False, reason=LOST_BEFORE_START)
         token = owner.fencing_token
         started = time.monotonic()
         log.info("lease %r is ours (fencing token %s): running the job", name, token)
         try:
             value = fn()
         finally:
-            left = started + hold_at_least - time.monotonic()
-            if left > 0 and owner.holding:
-                log.info("lease %r: keeping it %.3g s more (hold_at_least)", name, left)
-                end = time.monotonic() + left
-                while owner.holding and time.monotonic() < end:
-                    pause.wait(min(_POLL * 5, max(0.0, end - time.monotonic())))
+            _hold_until(owner, name, started + hold_at_least)
         return RunOnceResult(
             ran=True, reason=RAN, value=value, fencing_token=token, lost=lost.is_set()
         )
     finally:
         owner.stop()
+
+
+def _checked_arguments(
+    fn: Callable[[], Any], wait: float, hold_at_least: float
+) -> tuple[float, float]:
+    """``wait`` and ``hold_at_least`` as finite numbers >= 0; ``fn`` must be callable."""
+    wait = finite_number("wait", wait)
+    if wait < 0:
+        raise ValueError(f"wait must be >= 0 seconds, got {wait!r}")
+    hold_at_least = finite_number("hold_at_least", hold_at_least)
+    if hold_at_least < 0:
+        raise ValueError(f"hold_at_least must be >= 0 seconds, got {hold_at_least!r}")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    return wait, hold_at_least
+
+
+def _lost_flag(owner: MutexOwner) -> threading.Event:
+    """An event set when ``owner`` loses the lease other than by being stopped."""
+    lost = threading.Event()
+
+    def on_event(event: Event) -> None:
+        if event.kind == "lost" and event.reason != "stopped":
+            lost.set()
+
+    owner.add_listener(on_event)
+    return lost
+
+
+def _wait_until_holding(owner: MutexOwner) -> bool:
+    """Wait out a lock-delay on a key that is ours; False if the lease went first."""
+    pause = threading.Event()
+    while not owner.holding:
+        if owner.state not in m.LEASE_STATES:
+            return False
+        pause.wait(_POLL)
+    return True
+
+
+def _hold_until(owner: MutexOwner, name: str, until: float) -> None:
+    """Keep the lease, running nothing, until monotonic time ``until`` (``hold_at_least``)."""
+    left = until - time.monotonic()
+    if left > 0 and owner.holding:
+        log.info("lease %r: keeping it %.3g s more (hold_at_least)", name, left)
+        end = time.monotonic() + left
+        pause = threading.Event()
+        while owner.holding and time.monotonic() < end:
+            pause.wait(min(_POLL * 5, max(0.0, end - time.monotonic())))
 
 
 def once_job(

@@ -257,7 +257,7 @@ class MutexOwner:
     def _build_slot(self, rng: Optional[random.Random]) -> LeaseSlot:
         """The lease's core (its decisions) in a slot (its lock and I/O), wired to the
         supervisor, the events and the deferred log."""
-        deferred = DeferredLog(log, self._events.submit)
+        deferred = DeferredLog(log, self._events)
         policy = self.stuck_worker_policy
         core = LeaseCore(
             key=self.key,
@@ -266,7 +266,7 @@ class MutexOwner:
             backoff=self.backoff,
             outage=outage_strategy(self.outage),
             clock=self.clock,
-            emit=self._events.emit,
+            emit=deferred.add_event,
             log=deferred.add,
             workers=self.supervisor,
             exit_margin=EXIT_MARGIN if policy == "exit" else 0.0,
@@ -350,8 +350,10 @@ class MutexOwner:
         if not self._request_stop():
             return True  # never started: nothing to stop
         if self._driven:  # a test driver completes the stop
+            self.slot.wake()
             return self.slot.finished
         if self._on_own_thread():
+            self.slot.wake()
             return False
         end = None if timeout is None else default_clock() + timeout
 
@@ -362,13 +364,15 @@ class MutexOwner:
         if fast and not self._finished_event.is_set():
             # The fast path: release on this thread, no wake-up of the engine's. Only when
             # the timeout leaves room for the release's own bounded round trips.
-            self._engine.run_inline(self.slot)
+            self._engine.run_inline(self.slot)  # (wakes the engine if it cannot)
+        else:
+            self.slot.wake()
         if not self._finished_event.wait(left()):
             return False
         return self._join_helpers(left)
 
     def _request_stop(self) -> bool:
-        """Mark the stop requested and wake the lease; False if it had never started."""
+        """Mark the stop requested; False if the owner had never started."""
         with self.slot.lock:
             core = self.slot.core
             core.request_stop()
@@ -376,7 +380,6 @@ class MutexOwner:
                 core.finished = True
                 self._finished_event.set()
                 return False
-        self.slot.wake()
         return True
 
     def _on_own_thread(self) -> bool:
@@ -561,4 +564,10 @@ class MutexOwner:
                 core.emit("workers_restarted", detail=detail)
             elif what == "stuck":
                 core.emit("workers_stuck", detail=detail)
-        self.slot.wake()
+        self.slot.log.flush()
+        if what == "idle" and not self._driven:
+            # The workers have all exited (a stop, a step-down): release on this thread now,
+            # no hand-over to the engine's (the stop path's latency).
+            self._engine.run_inline(self.slot)
+        else:
+            self.slot.wake()

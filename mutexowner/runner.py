@@ -273,24 +273,8 @@ class Runner:
         self.config = config
         self._env = dict(os.environ if env is None else env)
         self._install_signals = install_signal_handlers
-        # The worker restarts the command itself (a loop, not a supervisor restart); the
-        # supervisor's own restarts only follow a bug in the worker.
-        self._supervisor = Supervisor(
-            max_restarts=config.max_restarts,
-            max_seconds=config.max_seconds,
-            shutdown_timeout=config.shutdown_timeout,
-        )
-        self._supervisor.add(self._work, name="command")
-        self.owner = MutexOwner(
-            redis,
-            config.key,
-            ttl=config.ttl,
-            supervisor=self._supervisor,
-            identity=config.identity,
-            stuck_worker_policy=stuck_worker_policy,
-            prefix=config.prefix,
-        )
-        self.owner.add_listener(self._on_event)
+        self._supervisor = self._make_supervisor()
+        self.owner = self._make_owner(redis, stuck_worker_policy)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._exit_times: list[float] = []
@@ -314,6 +298,34 @@ class Runner:
         self.starts = 0
         #: How the wait for the lease ended with ``wait`` set: ours, taken, unavailable...
         self.wait_outcome: Optional[str] = None
+
+    def _make_supervisor(self) -> Supervisor:
+        """The supervisor of the one worker that runs the command.
+
+        The worker restarts the command itself (a loop, not a supervisor restart); the
+        supervisor's own restarts only follow a bug in the worker.
+        """
+        supervisor = Supervisor(
+            max_restarts=self.config.max_restarts,
+            max_seconds=self.config.max_seconds,
+            shutdown_timeout=self.config.shutdown_timeout,
+        )
+        supervisor.add(self._work, name="command")
+        return supervisor
+
+    def _make_owner(self, redis: Any, stuck_worker_policy: StuckPolicy) -> MutexOwner:
+        """The lease's owner, running the supervisor, with the run's event listener."""
+        owner = MutexOwner(
+            redis,
+            self.config.key,
+            ttl=self.config.ttl,
+            supervisor=self._supervisor,
+            identity=self.config.identity,
+            stuck_worker_policy=stuck_worker_policy,
+            prefix=self.config.prefix,
+        )
+        owner.add_listener(self._on_event)
+        return owner
 
     # -- control --------------------------------------------------------------------------
 
@@ -480,54 +492,25 @@ class Runner:
 
     def _restart_after_exit(self, ctx: WorkerContext, status: int) -> bool:
         """The command exited on its own: True to start it again, else end the run."""
-        key = self.config.key
         if self._closing:
             if self._signals:  # it ended as we were told to stop: its status is the run's
                 self._final_status = status
             ctx.stopping.wait()
             return False
         policy = self.config.restart_policy
-        failed = status != EXIT_OK
-        restart = policy == "always" or (policy == "on-failure" and failed)
-        if restart and failed:
-            now = time.monotonic()
-            with self._lock:
-                window = self.config.max_seconds
-                self._exit_times = [t for t in self._exit_times if now - t < window]
-                self._exit_times.append(now)
-                too_many = len(self._exit_times) > self.config.max_restarts
-            if too_many:
-                code = status if self.config.once else EXIT_GAVE_UP
-                log.error(
-                    "key=%s: the command exited with status %d, more than %d restart(s) "
-                    "within %g s: giving up (exit %d)",
-                    key,
-                    status,
-                    self.config.max_restarts,
-                    self.config.max_seconds,
-                    code,
-                )
-                self._finish("gave_up", code)
-                ctx.stopping.wait()
-                return False
-            log.warning(
-                "key=%s: the command exited with status %d; restarting it (--restart %s)",
-                key,
-                status,
-                policy,
-            )
-            return True
-        if restart:
+        if status != EXIT_OK and policy in ("always", "on-failure"):
+            return self._restart_after_failure(ctx, status)
+        if policy == "always":
             log.info(
                 "key=%s: the command exited with status 0; starting it again in %g s "
                 "(--restart always)",
-                key,
+                self.config.key,
                 CLEAN_RESTART_DELAY,
             )
             return not ctx.sleep(CLEAN_RESTART_DELAY)
         log.info(
             "key=%s: the command exited with status %d: done (%s)",
-            key,
+            self.config.key,
             status,
             "--once" if self.config.once else f"--restart {policy}",
         )
@@ -536,6 +519,39 @@ class Runner:
         self._finish("done", status)
         ctx.stopping.wait()
         return False
+
+    def _restart_after_failure(self, ctx: WorkerContext, status: int) -> bool:
+        """The command failed: True to restart it, False (run given up) after too many."""
+        if not self._too_many_failures():
+            log.warning(
+                "key=%s: the command exited with status %d; restarting it (--restart %s)",
+                self.config.key,
+                status,
+                self.config.restart_policy,
+            )
+            return True
+        code = status if self.config.once else EXIT_GAVE_UP
+        log.error(
+            "key=%s: the command exited with status %d, more than %d restart(s) "
+            "within %g s: giving up (exit %d)",
+            self.config.key,
+            status,
+            self.config.max_restarts,
+            self.config.max_seconds,
+            code,
+        )
+        self._finish("gave_up", code)
+        ctx.stopping.wait()
+        return False
+
+    def _too_many_failures(self) -> bool:
+        """Count a failure now; True when more than --max-restarts fell in --max-seconds."""
+        now = time.monotonic()
+        with self._lock:
+            window = self.config.max_seconds
+            self._exit_times = [t for t in self._exit_times if now - t < window]
+            self._exit_times.append(now)
+            return len(self._exit_times) > self.config.max_restarts
 
     def _hold_at_least(self, ctx: WorkerContext) -> None:
         """Keep the lease, running nothing, until --hold-at-least after the job started."""

@@ -23,7 +23,7 @@ from mutexowner.clock import Clock, wait_on
 from mutexowner.connection import redact_text
 from mutexowner.core import Call, LeaseCore, Plan, Release
 from mutexowner.errors import ForkedOwnerError, LeaseError
-from mutexowner.events import EventDispatcher
+from mutexowner.events import Event, EventDispatcher
 from mutexowner.lease import Lease, LeaseResult, classify_error
 
 __all__ = ["CallOutcome", "LeaseSlot", "exit_process"]
@@ -59,18 +59,22 @@ def exit_process(message: str, *args: object) -> NoReturn:
 
 
 class DeferredLog:
-    """A lease's log lines, collected as it works and written by the events thread.
+    """A lease's events and log lines, collected during a turn and handed to the events
+    thread after it, in one task: events first, then log lines.
 
-    A log handler may block (a full stderr pipe, a stuck network handler). A turn never calls
-    one: a blocked handler must not delay a step-down, a renewal or a release, nor hold the
-    lock that ``holding``, ``status()`` and ``stop()`` need (docs/safety.md, point 8).
+    A log handler or a listener may block (a full stderr pipe, a stuck network handler). A
+    turn never calls one: a blocked handler must not delay a step-down, a renewal or a
+    release, nor hold the lock that ``holding``, ``status()`` and ``stop()`` need
+    (docs/safety.md, point 8). Handing them over after the round trip also keeps the events
+    thread from competing with the turn for the interpreter while the reply is awaited.
     """
 
-    def __init__(self, logger: logging.Logger, submit: Callable[[Callable[[], object]], None]):
+    def __init__(self, logger: logging.Logger, events: EventDispatcher):
         self._logger = logger
-        self._submit = submit
+        self._events = events
         self._lock = threading.Lock()
         self._pending: list[tuple[int, str, tuple[object, ...], Optional[BaseException]]] = []
+        self._pending_events: list[Event] = []
 
     def add(
         self, level: int, message: str, *args: object, exc: Optional[BaseException] = None
@@ -79,15 +83,26 @@ class DeferredLog:
             with self._lock:
                 self._pending.append((level, message, args, exc))
 
+    def add_event(self, event: Event) -> None:
+        if not self._events.has_listeners:
+            return  # nobody listens: no work for the events thread
+        with self._lock:
+            self._pending_events.append(event)
+
     def flush(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
-        if pending:
-            self._submit(lambda: self._write(pending))
+            events, self._pending_events = self._pending_events, []
+        if pending or events:
+            self._events.submit(lambda: self._write(events, pending))
 
     def _write(
-        self, pending: list[tuple[int, str, tuple[object, ...], Optional[BaseException]]]
+        self,
+        events: list[Event],
+        pending: list[tuple[int, str, tuple[object, ...], Optional[BaseException]]],
     ) -> None:
+        for event in events:
+            self._events.deliver(event)
         for level, message, args, exc in pending:
             self._logger.log(level, message, *args, exc_info=exc)
 
@@ -165,6 +180,7 @@ class LeaseSlot:
         with self.lock:
             self.core.begin(self.clock())
             self.cond.notify_all()
+        self.log.flush()
 
     def take_wake(self) -> bool:
         """True (once) if something woke the slot since the last call."""
@@ -189,11 +205,12 @@ class LeaseSlot:
                 self.complete(plan, self.execute(plan))
             return self.finish_turn()
 
-    def prepare(self) -> Plan:
-        """The core's decision at the clock's now (turn lock held by the caller)."""
+    def prepare(self, early: float = 0.0) -> Plan:
+        """The core's decision at the clock's now (turn lock held by the caller); a call due
+        within ``early`` seconds is made now."""
         with self.lock:
             try:
-                return self.core.plan(self.clock())
+                return self.core.plan(self.clock(), early=early)
             finally:
                 self.cond.notify_all()
 
@@ -215,7 +232,14 @@ class LeaseSlot:
         return CallOutcome(result, sent, self.clock())
 
     def complete(self, plan: Union[Call, Release], outcome: Union[CallOutcome, bool]) -> None:
-        """Hand the round trip's outcome to the core."""
+        """Hand the round trip's outcome to the core, then its events to the events thread
+        (after the workers it started: their first line is the hand-off's end)."""
+        try:
+            self._complete(plan, outcome)
+        finally:
+            self.log.flush()
+
+    def _complete(self, plan: Union[Call, Release], outcome: Union[CallOutcome, bool]) -> None:
         with self.lock:
             try:
                 if isinstance(plan, Release):
@@ -275,15 +299,18 @@ class LeaseSlot:
         except ForkedOwnerError:
             raise
         except Exception as exc:
-            error = classify_error(exc)
-            self.log.add(
-                logging.WARNING,
-                "key=%s could not release the lease (%s); it expires within %.3g s",
-                self.core.key,
-                redact_text(str(error)),
-                max(0.0, self.core.deadline_at - self.clock()),
-            )
+            self.log_release_error(classify_error(exc))
             return None
+
+    def log_release_error(self, error: LeaseError) -> None:
+        """A release failed: what is left expires by itself (logged, no retry)."""
+        self.log.add(
+            logging.WARNING,
+            "key=%s could not release the lease (%s); it expires within %.3g s",
+            self.core.key,
+            redact_text(str(error)),
+            max(0.0, self.core.deadline_at - self.clock()),
+        )
 
     # -- stuck workers -------------------------------------------------------------------------
 

@@ -171,6 +171,32 @@ def _non_negative(name: str, value: object, *, allow_inf: bool = False) -> float
     return number
 
 
+def _checked_arguments(
+    max_restarts: int,
+    max_seconds: float,
+    shutdown_timeout: float,
+    restart_backoff: Optional[BackoffPolicy],
+    clock: Optional[Clock],
+) -> tuple[float, float]:
+    """Validate ``Supervisor``'s arguments; ``max_seconds`` and ``shutdown_timeout`` as floats."""
+    if isinstance(max_restarts, bool) or not isinstance(max_restarts, int):
+        raise TypeError(f"max_restarts must be an int, got {type(max_restarts).__name__}")
+    if max_restarts < 0:
+        raise ValueError(f"max_restarts must be an int >= 0, got {max_restarts}")
+    window = _non_negative("max_seconds", max_seconds)
+    if window == 0:
+        raise ValueError("max_seconds must be a finite number > 0, got 0")
+    budget = _non_negative("shutdown_timeout", shutdown_timeout)
+    if restart_backoff is not None and not isinstance(restart_backoff, BackoffPolicy):
+        raise TypeError(
+            "restart_backoff must be a BackoffPolicy or None, got "
+            f"{type(restart_backoff).__name__}"
+        )
+    if clock is not None and not callable(clock):
+        raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
+    return window, budget
+
+
 class Supervisor:
     """Starts, stops and restarts registered worker threads together (one_for_all).
 
@@ -190,22 +216,10 @@ class Supervisor:
         *,
         clock: Optional[Clock] = None,
     ) -> None:
-        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int):
-            raise TypeError(f"max_restarts must be an int, got {type(max_restarts).__name__}")
-        if max_restarts < 0:
-            raise ValueError(f"max_restarts must be an int >= 0, got {max_restarts}")
+        self._max_seconds, self._shutdown_timeout = _checked_arguments(
+            max_restarts, max_seconds, shutdown_timeout, restart_backoff, clock
+        )
         self._max_restarts = max_restarts
-        self._max_seconds = _non_negative("max_seconds", max_seconds)
-        if self._max_seconds == 0:
-            raise ValueError("max_seconds must be a finite number > 0, got 0")
-        self._shutdown_timeout = _non_negative("shutdown_timeout", shutdown_timeout)
-        if restart_backoff is not None and not isinstance(restart_backoff, BackoffPolicy):
-            raise TypeError(
-                "restart_backoff must be a BackoffPolicy or None, got "
-                f"{type(restart_backoff).__name__}"
-            )
-        if clock is not None and not callable(clock):
-            raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
         self._restart_backoff = restart_backoff
         self._clock: Clock = clock if clock is not None else default_clock
         self._clock_given = clock is not None
@@ -684,31 +698,9 @@ class Supervisor:
 
     def _restart_or_give_up(self) -> str:
         """Handle a worker that ended on its own: restart all, or give up. '' means restarted."""
-        with self._cond:
-            crashed = ", ".join(e.run.spec.name for e in self._exits if not e.expected)
-            now = self._clock()
-            # A restart counts for max_seconds after it happened, then falls out.
-            self._restart_times = [t for t in self._restart_times if now - t < self.max_seconds]
-            self._restart_times.append(now)
-            attempt = len(self._restart_times)
-            too_many = attempt > self.max_restarts
-            if too_many:
-                self._failed = True
-        if too_many:
-            with self._cond:
-                self._signal_runs(list(self._runs))
-            # Tell the owner at once, so it drains (keeps renewing) while workers stop.
-            self._notify("failed", crashed)
-            self._shutdown(
-                "worker %s ended unexpectedly; giving up after more than %d restart(s) within "
-                "%.3g s: stopping all workers (key=%s)",
-                crashed,
-                self.max_restarts,
-                self.max_seconds,
-                self._key,
-                level=logging.ERROR,
-            )
-            return "failed"
+        crashed, attempt = self._count_restart()
+        if attempt > self.max_restarts:
+            return self._give_up(crashed)
         self._shutdown(
             "worker %s ended unexpectedly; restarting all workers (one_for_all, restart %d "
             "of at most %d within %.3g s; key=%s)",
@@ -719,15 +711,7 @@ class Supervisor:
             self._key,
         )
         with self._cond:
-            if self.restart_backoff is not None and not self._stop_requested:
-                pause_until = self._clock() + self.restart_backoff.delay(attempt)
-                while not self._stop_requested and not self._step_down_due():
-                    now = self._clock()
-                    if now >= pause_until:
-                        break
-                    step_down = self._step_down_at()
-                    until = pause_until if step_down is None else min(pause_until, step_down)
-                    self._wait(until - now)
+            self._pause_before_restart(attempt)
             if self._stop_requested:
                 return "stopped"
             if self._step_down_due():
@@ -737,6 +721,55 @@ class Supervisor:
             self._start_run(restart_count=self._restarts)
         self._notify("restarted", crashed)
         return ""
+
+    def _count_restart(self) -> tuple[str, int]:
+        """Count a restart now: (the workers that crashed, restart number in the window).
+
+        Marks the supervisor failed when that is more than ``max_restarts``.
+        """
+        with self._cond:
+            crashed = ", ".join(e.run.spec.name for e in self._exits if not e.expected)
+            now = self._clock()
+            # A restart counts for max_seconds after it happened, then falls out.
+            self._restart_times = [t for t in self._restart_times if now - t < self.max_seconds]
+            self._restart_times.append(now)
+            attempt = len(self._restart_times)
+            if attempt > self.max_restarts:
+                self._failed = True
+        return crashed, attempt
+
+    def _give_up(self, crashed: str) -> str:
+        """Too many restarts: stop every worker and report failure; returns "failed"."""
+        with self._cond:
+            self._signal_runs(list(self._runs))
+        # Tell the owner at once, so it drains (keeps renewing) while workers stop.
+        self._notify("failed", crashed)
+        self._shutdown(
+            "worker %s ended unexpectedly; giving up after more than %d restart(s) within "
+            "%.3g s: stopping all workers (key=%s)",
+            crashed,
+            self.max_restarts,
+            self.max_seconds,
+            self._key,
+            level=logging.ERROR,
+        )
+        return "failed"
+
+    def _pause_before_restart(self, attempt: int) -> None:
+        """Wait ``restart_backoff.delay(attempt)``, cut short by stop() or a step-down due.
+
+        Called with ``_cond`` held (it waits on it).
+        """
+        if self.restart_backoff is None or self._stop_requested:
+            return
+        pause_until = self._clock() + self.restart_backoff.delay(attempt)
+        while not self._stop_requested and not self._step_down_due():
+            now = self._clock()
+            if now >= pause_until:
+                break
+            step_down = self._step_down_at()
+            until = pause_until if step_down is None else min(pause_until, step_down)
+            self._wait(until - now)
 
     def _shutdown(self, message: str = "", *args: object, level: int = logging.WARNING) -> None:
         """Signal every worker (reverse order), log ``message``, wait for each (reverse order).

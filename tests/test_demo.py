@@ -83,7 +83,9 @@ def test_demo_in_process_with_a_short_budget(capsys: pytest.CaptureFixture[str])
     assert "seed 1" in out
     # State changes, fencing tokens and the workers-running column.
     assert "nobody may take the lease for one ttl" in out
-    assert re.search(r"acquiring → holding\s+\d{6,}\s+-", out), out
+    # (The workers column may already show the new holder: workers start before the events
+    # of the turn that acquired are delivered.)
+    assert re.search(r"acquiring → holding\s+\d{6,}\s+(-|node-[abc])$", out, re.MULTILINE), out
     assert re.search(r"worker started\s+\d{6,}\s+node-[abc]$", out, re.MULTILINE), out
     for step in ("crashes (kill -9)", "stops cleanly", "Redis outage", "Redis is back"):
         assert step in out

@@ -344,8 +344,7 @@ class LeaseModel(RuleBasedStateMachine):
             owner.add_listener(self._user_code(index))
             party.fault = self.first[index]
             owner.add_listener(self._listener(party))
-            lease = owner._lease
-            lease._run = self._link(party, lease, lease._run)  # type: ignore[method-assign]
+            self._wire(party, owner._lease)
             self.parties.append(party)
 
     def _worker(self, index: int) -> Callable[[WorkerContext], None]:
@@ -367,15 +366,55 @@ class LeaseModel(RuleBasedStateMachine):
 
     def _listener(self, party: Party) -> Callable[[Event], None]:
         def listener(event: Event) -> None:
-            party.events.append(event)
-            if party.driver.finished:
+            # "No event follows stopped": events of the final turn itself are delivered
+            # after it (after the round trip), so look at what came before, not at the flag.
+            # The transition into stopped reports "state" then, ending a holding period, "lost".
+            stopped_at = next(
+                (
+                    i
+                    for i, e in enumerate(party.events)
+                    if e.kind == "state" and e.state == "stopped"
+                ),
+                None,
+            )
+            part_of_it = stopped_at == len(party.events) - 1 and event.kind == "lost"
+            if stopped_at is not None and not part_of_it:
                 party.events_after_final.append(event.kind)
+            party.events.append(event)
             if event.kind == "acquired":
                 party.periods += 1
                 assert event.fencing_token is not None
                 self._check_fence(party, event.fencing_token)
 
         return listener
+
+    def _wire(self, party: Party, lease: Lease) -> None:
+        """Put this model's network in front of every round trip of ``lease``.
+
+        Acquire/renew go through ``Lease._run_with_wait`` (the script and its ``WAIT`` in one
+        pipeline), release and inspect through ``Lease._run_script``; both end in the
+        lease's own ``_run``, which classifies errors.
+        """
+        run_with_wait, run_script = lease._run_with_wait, lease._run_script
+
+        def real(script: Any, *, keys: list[str], args: list[str]) -> Any:
+            if script is lease._acquire:
+                # fakeredis has no replicas: the lease never asks for a WAIT here.
+                return run_with_wait(keys, args, 0)
+            return run_script(script, keys=keys, args=args)
+
+        call = self._link(party, lease, real)
+
+        def with_wait(keys: list[str], args: list[str], wait_for: int) -> tuple[Any, Any]:
+            assert wait_for == 0, wait_for
+            result: tuple[Any, Any] = lease._run(lambda: call(lease._acquire, keys=keys, args=args))
+            return result
+
+        def script_call(script: Any, *, keys: list[str], args: list[str]) -> Any:
+            return lease._run(lambda: call(script, keys=keys, args=args))
+
+        lease._run_with_wait = with_wait  # type: ignore[method-assign]
+        lease._run_script = script_call  # type: ignore[method-assign]
 
     def _link(self, party: Party, lease: Lease, real: Callable[..., Any]) -> Callable[..., Any]:
         """``Lease._run`` with this model's network and server faults in front of it."""
@@ -938,6 +977,7 @@ def test_model_acquire_delayed_in_the_network_then_stop() -> None:
     """Found by the model on main: an acquire request delayed in the network reaches Redis
     after a later call with the same token was answered 'taken'; the owner had forgotten that
     token, so its stop did not release the key, which stayed held for a full ttl."""
+
     def steps(model: LeaseModel) -> None:
         model.make_owners(supervised=[False, False])
         model.first_faults(faults=[Fault("delayed_request"), None, None])

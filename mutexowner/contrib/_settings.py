@@ -266,7 +266,7 @@ class _Reader:
             # and redis-py's parse errors explain the problem.
             text, named = redact_text(str(exc)), f"{self.name(key)}: "
             if text.startswith(named):
-                detail = f": {text[len(named):]}"
+                detail = f": {text[len(named) :]}"
             else:
                 detail = "" if text.startswith(self.name(key)) else f": {text}"
             raise self.fail(
@@ -360,6 +360,37 @@ class _Reader:
                 return target  # type: ignore[no-any-return]
         raise self.fail(f"{self.name(key)} must be {allowed}, got {value!r}", key=key)
 
+    def timing(self) -> tuple[float, Optional[float], LeaseTiming]:
+        """TTL and RENEW_INTERVAL as given, and the lease timing they make (rule checked)."""
+        ttl = self.seconds("TTL", 10.0)
+        assert ttl is not None
+        renew = self.seconds("RENEW_INTERVAL", None)
+        names = TimingNames(
+            ttl=self.name("TTL"),
+            renew_interval=self.name("RENEW_INTERVAL"),
+            shutdown=self.name("SHUTDOWN_TIMEOUT"),
+        )
+        try:
+            return ttl, renew, LeaseTiming.of(ttl, renew, names=names)
+        except TimingError as exc:
+            raise self.fail(str(exc), key="RENEW_INTERVAL") from None
+
+    def shutdown_timeout(self, timing: LeaseTiming, *, has_workers: bool) -> float:
+        """SHUTDOWN_TIMEOUT, or a default; checked to fit ``timing`` when there are workers."""
+        shutdown = self.seconds("SHUTDOWN_TIMEOUT", None, allow_zero=True)
+        if shutdown is None:
+            # The library's default when it fits the timing rule; otherwise half the time
+            # between the first renewal and the lease deadline (small TTLs in tests and demos).
+            slack = timing.slack
+            default = DEFAULT_SHUTDOWN_TIMEOUT
+            shutdown = default if slack > default else round(slack / 2, 3)
+        if has_workers:
+            try:
+                timing.with_shutdown_budget(shutdown)
+            except TimingError as exc:
+                raise self.fail(str(exc), key="SHUTDOWN_TIMEOUT") from None
+        return shutdown
+
     def flag(self, key: str) -> bool:
         value = self.values.get(key, False)
         if not isinstance(value, bool):
@@ -390,30 +421,9 @@ def parse_settings(
     r = _Reader(values, name, error, import_string if importer is None else importer)
     redis_value = r.redis()
     key = r.lease_name("KEY", None)
-    ttl = r.seconds("TTL", 10.0)
-    assert ttl is not None
-    renew = r.seconds("RENEW_INTERVAL", None)
-    names = TimingNames(
-        ttl=name("TTL"), renew_interval=name("RENEW_INTERVAL"), shutdown=name("SHUTDOWN_TIMEOUT")
-    )
-    try:
-        timing = LeaseTiming.of(ttl, renew, names=names)
-    except TimingError as exc:
-        raise r.fail(str(exc), key="RENEW_INTERVAL") from None
+    ttl, renew, timing = r.timing()
     workers = r.workers()
-    shutdown = r.seconds("SHUTDOWN_TIMEOUT", None, allow_zero=True)
-    if shutdown is None:
-        # The library's default when it fits the timing rule; otherwise half the time
-        # between the first renewal and the lease deadline (small TTLs in tests and demos).
-        slack = timing.slack
-        shutdown = (
-            DEFAULT_SHUTDOWN_TIMEOUT if slack > DEFAULT_SHUTDOWN_TIMEOUT else round(slack / 2, 3)
-        )
-    if workers:
-        try:
-            timing.with_shutdown_budget(shutdown)
-        except TimingError as exc:
-            raise r.fail(str(exc), key="SHUTDOWN_TIMEOUT") from None
+    shutdown = r.shutdown_timeout(timing, has_workers=bool(workers))
     max_seconds = r.seconds("MAX_SECONDS", 5.0)
     assert max_seconds is not None
     return OwnerSettings(

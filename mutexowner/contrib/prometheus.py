@@ -199,46 +199,36 @@ class MutexOwnerMetrics:
         self.lease_timeout = lease_timeout
         self._lock = threading.Lock()
         self._attached: dict[str, _Attached] = {}
-        reg = self.registry
-        self.acquisitions = Counter(
-            f"{namespace}_acquisitions", "Holding periods begun", ["key"], registry=reg
+        self.acquisitions = self._counter("acquisitions", "Holding periods begun")
+        self.losses = self._counter("losses", "Holding periods ended, by reason", "reason")
+        self.worker_restarts = self._counter("worker_restarts", "one_for_all worker restarts")
+        self.workers_stuck = self._counter(
+            "workers_stuck", "Times workers ignored stopping past shutdown_timeout"
         )
-        self.losses = Counter(
-            f"{namespace}_losses",
-            "Holding periods ended, by reason",
-            ["key", "reason"],
-            registry=reg,
-        )
-        self.worker_restarts = Counter(
-            f"{namespace}_worker_restarts", "one_for_all worker restarts", ["key"], registry=reg
-        )
-        self.workers_stuck = Counter(
-            f"{namespace}_workers_stuck",
-            "Times workers ignored stopping past shutdown_timeout",
-            ["key"],
-            registry=reg,
-        )
-        self.redis_errors = Counter(
-            f"{namespace}_redis_errors",
-            "Failed lease calls, by error kind",
-            ["key", "kind"],
-            registry=reg,
+        self.redis_errors = self._counter(
+            "redis_errors", "Failed lease calls, by error kind", "kind"
         )
         self.last_renewal = Gauge(
             f"{namespace}_last_renewal_timestamp_seconds",
             "Unix time of the last confirmed acquisition or renewal of the lease",
             ["key"],
-            registry=reg,
+            registry=self.registry,
         )
         self.renewal_latency = Histogram(
             f"{namespace}_renewal_latency_seconds",
             "Round trip of confirmed renewals, seconds",
             ["key"],
             buckets=LATENCY_BUCKETS,
-            registry=reg,
+            registry=self.registry,
         )
         self._gauges = _Gauges(self)
-        reg.register(self._gauges)
+        self.registry.register(self._gauges)
+
+    def _counter(self, name: str, documentation: str, *labels: str) -> Counter:
+        """A counter ``<namespace>_<name>`` in the registry, labelled by key and ``labels``."""
+        return Counter(
+            f"{self.namespace}_{name}", documentation, ["key", *labels], registry=self.registry
+        )
 
     @property
     def keys(self) -> tuple[str, ...]:

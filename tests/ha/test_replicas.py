@@ -101,6 +101,38 @@ def test_a_master_that_lost_its_replicas_confirms_nothing_even_to_a_fresh_client
     assert acquire_error.value.kind == "noreplicas"
 
 
+def test_a_replica_that_attaches_while_holding_is_waited_for_from_the_next_renewal(
+    redis_server_factory: Factory,
+) -> None:
+    # A renewal of our own key skips reading the run_id (docs/safety.md, point 5), but not
+    # the replica count while the dataset is not marked replicated: the first renewal after
+    # a replica attached must already be confirmed by it, as before that shortcut existed.
+    master = redis_server_factory(config={"repl-diskless-sync-delay": 0})
+    admin = master.client()
+    mark_epoch(admin, "job")
+    lease = Lease(master.client(), "job", ttl=10, identity="A", call_timeout=5.0)
+    token = new_token()
+    acquired = lease.acquire(token)
+    assert isinstance(acquired, Acquired)
+    fence = acquired.fencing_token
+    assert isinstance(lease.renew(token, fence), Renewed)
+    assert wait_calls(admin) == 0  # standalone so far: no WAIT
+
+    replica = redis_server_factory(config={"replicaof": [master.host, str(master.port)]})
+    assert poll(lambda: admin.info("replication")["connected_slaves"] == 1, 10.0)
+    assert poll(lambda: replica.client().info("replication")["master_link_status"] == "up", 10.0)
+    keys = LeaseKeys("job")
+    checked = admin.hget(keys.epoch, "checked_ms")
+    assert isinstance(lease.renew(token, fence), Renewed)
+    assert admin.hget(keys.epoch, "checked_ms") == checked  # the shortcut was taken...
+    assert wait_calls(admin) == 1  # ...and the renewal was confirmed by the new replica
+    assert admin.hget(keys.epoch, "replicated") == b"1"
+    assert replica.client().hget(keys.lease, "fence") == str(fence).encode()
+    # Marked: every later renewal WAITs, without counting replicas again.
+    assert isinstance(lease.renew(token, fence), Renewed)
+    assert wait_calls(admin) == 2
+
+
 def test_min_replicas_zero_turns_the_check_off(redis_server_factory: Factory) -> None:
     master, replica = replicated_pair(redis_server_factory)
     lease = Lease(master.client(), "job", ttl=10, identity="A", min_replicas=0)

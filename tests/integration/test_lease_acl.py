@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import redis
 
-from mutexowner.lease import Acquired, Lease, LeaseKeys, Quiet, Renewed, new_token
+from mutexowner.lease import Acquired, Lease, LeaseKeys, Quiet, Renewed, Taken, new_token
 from mutexowner.testing import mark_epoch
 from tests.redis_server import RedisServer
 
@@ -51,8 +51,17 @@ def test_a_restart_from_persisted_data_opens_the_quiet_period_for_newcomers(
     newcomer = Lease(client, "other", ttl=10, identity="B")
     mark_epoch(client, "other")
     assert isinstance(newcomer.acquire(new_token()), Acquired)  # (other leases unaffected)
-    renewed = Lease(client, "job", ttl=10, identity="A").renew(token, first.fencing_token)
-    assert isinstance(renewed, Renewed) and renewed.lock_delay > 9.0  # while A renews on
+    # ...while A renews on. A renewal of a key that still holds A's token has no need to read
+    # the run_id (nobody else can have been granted the key meanwhile: docs/safety.md,
+    # point 5), so it neither notices the new instance nor opens the quiet period...
+    again = Lease(client, "job", ttl=10, identity="A")
+    renewed = again.renew(token, first.fencing_token)
+    assert isinstance(renewed, Renewed) and renewed.lock_delay == 0
+    # ...but every call that could hand the key to someone else reads it first: a newcomer's
+    # acquire, even one that finds the key taken, opens the quiet period,
+    standby = Lease(client, "job", ttl=10, identity="B").acquire(new_token())
+    assert isinstance(standby, Taken) and standby.holder == "A"
+    assert Lease(client, "job", ttl=10, identity="probe").inspect().lock_delay_remaining > 9.0
     client.delete(LeaseKeys("job").lease)
     late = Lease(client, "job", ttl=10, identity="C").acquire(new_token())
     assert isinstance(late, Quiet) and late.lock_delay > 9.0

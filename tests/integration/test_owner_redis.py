@@ -181,7 +181,10 @@ def test_redis_restart_with_aof_opens_the_quiet_period_and_the_holder_continues(
     new_run_id = admin.info("server")["run_id"]
     assert new_run_id != run_id
     keys = LeaseKeys("aof")
-    assert admin.hget(keys.epoch, "run_id") == new_run_id.encode()
+    # The new instance is recorded by the first call that reads the run_id: the standby's
+    # acquire, or the holder's own periodic check (a renewal of its own key reads it at most
+    # one ttl after the last reading; docs/safety.md, point 5).
+    assert poll(lambda: admin.hget(keys.epoch, "run_id") == new_run_id.encode(), ttl + 1.0)
     info = Lease(admin, "aof", ttl=ttl, identity="probe").inspect()
     assert info.holder == "A" and info.fencing_token == token
     assert 0 < info.lock_delay_remaining <= ttl  # the quiet period opened on the new run_id
