@@ -43,6 +43,8 @@ HUB_TIMEOUT = 1.0
 #: Leases due within this many seconds of one that is due now take their turn with it, so
 #: that their renewals share a pipeline (renewing up to this much early is harmless).
 BATCH_WINDOW = 0.05
+#: At most this many round trips in one pipeline (each chunk timed on its own).
+BATCH_MAX = 256
 #: stop_threads re-checks at least this often (seconds) whether a lease started meanwhile.
 STOP_POLL = 0.05
 #: After an unexpected error in a lease's turn, try that lease again this much later.
@@ -345,7 +347,15 @@ class Engine:
         for slot, plan in calls:
             by_client.setdefault(id(slot.lease.client), []).append((slot, plan))
         outcomes: dict[LeaseSlot, CallOutcome] = {}
-        for group in by_client.values():
+        chunks = [
+            group[i : i + BATCH_MAX]
+            for group in by_client.values()
+            for i in range(0, len(group), BATCH_MAX)
+        ]
+        for group in chunks:
+            # Each chunk's send time is read just before it goes: a reply is judged against
+            # the time its own request left, not the start of a long batch (with 10,000
+            # leases due together, one batch outlived a short ttl and no lease ever held).
             sent = self.clock()
             leases: list[tuple[Lease, str, Optional[int]]] = [
                 (slot.lease, plan.token, plan.fencing_token) for slot, plan in group
@@ -371,7 +381,12 @@ class Engine:
             ):
                 by_client.setdefault(id(slot.lease.client), []).append((slot, plan.tokens[0]))
         outcomes: dict[LeaseSlot, Union[CallOutcome, bool]] = {}
-        for group in by_client.values():
+        chunks = [
+            group[i : i + BATCH_MAX]
+            for group in by_client.values()
+            for i in range(0, len(group), BATCH_MAX)
+        ]
+        for group in chunks:
             if len(group) < 2:
                 continue
             results = release_many([(slot.lease, token) for slot, token in group])

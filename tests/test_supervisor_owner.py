@@ -361,7 +361,10 @@ def test_after_stop_a_stuck_worker_keeps_the_lease_renewed_until_it_exits(
     assert owner.state == "draining"
     wait_stuck(driver, sup, stubborn)
     assert owner.status().stuck_workers == ("stubborn",)
-    assert any(e.kind == "workers_stuck" and e.detail == "stubborn" for e in rec.events)
+    # The monitor reports to the owner right after it marks the worker stuck.
+    assert wait_for(
+        lambda: any(e.kind == "workers_stuck" and e.detail == "stubborn" for e in rec.events)
+    )
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL] == [
         "worker stubborn ignored stopping for 1 s (shutdown_timeout) and is still running (key=job)"
     ]
