@@ -38,6 +38,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+_PRINT_LOCK = threading.Lock()
+
+
+def say(line: str) -> None:
+    """Print one whole line: the worker and the owner's callbacks print from two threads."""
+    with _PRINT_LOCK:
+        print(line, flush=True)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -53,7 +62,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         while not ctx.stopping.is_set():
             ctx.ensure_held()  # a local deadline check before each side effect
             count += 1
-            print(f"tick {count} fencing_token={ctx.fencing_token}", flush=True)
+            say(f"tick {count} fencing_token={ctx.fencing_token}")
             if args.ticks is not None and count >= args.ticks:
                 done.set()
             ctx.sleep(args.interval)  # returns early when told to stop
@@ -63,22 +72,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.name,
         ttl=args.ttl,
         supervisor=sup,
-        on_acquired=lambda token: print(f"holding the lease, fencing_token={token}", flush=True),
-        on_lost=lambda reason: print(f"not holding any more ({reason})", flush=True),
+        on_acquired=lambda token: say(f"holding the lease, fencing_token={token}"),
+        on_lost=lambda reason: say(f"not holding any more ({reason})"),
     )
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: done.set())
-    print(
-        f"contending for {args.name!r} on {redact_url(args.redis)} as {owner.identity}",
-        flush=True,
-    )
+    say(f"contending for {args.name!r} on {redact_url(args.redis)} as {owner.identity}")
     with owner:  # start(); on exit stop(): workers stop, the lease is released
         if args.seconds is not None:
             done.wait(args.seconds)
         else:
             while not done.wait(1.0):  # a timeout keeps Ctrl-C responsive everywhere
                 pass
-    print("stopped; lease released", flush=True)
+    say("stopped; lease released")
     return 0
 
 

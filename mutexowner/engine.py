@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import threading
+import time
 from typing import Any, Optional, Union
 
 from mutexowner import machine as m
@@ -42,6 +43,8 @@ HUB_TIMEOUT = 1.0
 #: Leases due within this many seconds of one that is due now take their turn with it, so
 #: that their renewals share a pipeline (renewing up to this much early is harmless).
 BATCH_WINDOW = 0.05
+#: stop_threads re-checks at least this often (seconds) whether a lease started meanwhile.
+STOP_POLL = 0.05
 #: After an unexpected error in a lease's turn, try that lease again this much later.
 ERROR_RETRY = 1.0
 
@@ -197,15 +200,23 @@ class Engine:
         return tuple(t for t in threads if t is not None and t.is_alive())
 
     def stop_threads(self, timeout: Optional[float]) -> bool:
-        """Wait for the threads to end once no slot is left; True when they have."""
-        with self._cond:
-            thread = self._thread or self._last_thread
-            idle = not self._slots
-        if not idle:
-            return True  # our lease is gone; the threads serve the engine's other leases
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-        return thread is None or not thread.is_alive()
+        """Wait for the threads to end once no lease is left; True when they have, or when
+        the engine serves other leases (then they are not ours to wait for: a lease started
+        meanwhile keeps them, and waiting would take the whole timeout)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._cond:
+                if self._slots:
+                    return True
+                thread = self._thread or self._last_thread
+            if thread is None or not thread.is_alive():
+                return True
+            if thread is threading.current_thread():
+                return False
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            thread.join(STOP_POLL if left is None else min(STOP_POLL, left))
 
     # -- scheduling ----------------------------------------------------------------------------
 

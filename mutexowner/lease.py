@@ -532,12 +532,26 @@ class Lease:
 
     def release(self, token: str) -> bool:
         """Delete the key if it still holds ``token`` and notify standbys; False if not ours."""
-        reply = self._run_script(
-            self._release,
-            keys=[self.keys.lease],
-            args=[token, self.keys.channel, self.identity],
-        )
-        return bool(int(reply))
+        if self._cluster is not None:
+            reply = self._run_script(
+                self._release,
+                keys=[self.keys.lease],
+                args=[token, self.keys.channel, self.identity],
+            )
+            return bool(int(reply))
+        command = ["EVALSHA", self._release.sha, "1", self.keys.lease]
+        command += [token, self.keys.channel, self.identity]
+        return bool(int(self._run(lambda: self._raw_script(self._release, command))))
+
+    def _raw_script(self, script: Any, command: list[str]) -> Any:
+        """EVALSHA on one pooled connection, loading the script once if Redis forgot it."""
+        reply = _send_raw(self._client, [command])[0]
+        if isinstance(reply, rex.NoScriptError):
+            self._client.script_load(script.script)
+            reply = _send_raw(self._client, [command])[0]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     def inspect(self) -> LeaseInfo:
         """Who holds the lease, for how long, and the fencing counter (no token revealed)."""
@@ -660,16 +674,15 @@ class Lease:
     ) -> tuple[Any, Optional[int]]:
         script = self._acquire
 
+        commands: list[list[str]] = [["ASKING"]] if asking else []
+        commands.append(["EVALSHA", script.sha, str(len(keys)), *keys, *args])
+        if wait_for > 0:
+            commands.append(["WAIT", str(wait_for), str(self.replicas.timeout_ms)])
+
         def attempt() -> list[Any]:
-            pipe = node.pipeline(transaction=False)
-            if asking:
-                pipe.execute_command("ASKING")  # type: ignore[no-untyped-call]
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
-            if wait_for > 0:
-                pipe.execute_command(  # type: ignore[no-untyped-call]
-                    "WAIT", wait_for, self.replicas.timeout_ms
-                )
-            return list(pipe.execute(raise_on_error=False))[1 if asking else 0 :]
+            # One write, one read of every reply: redis-py's pipeline costs more CPU here
+            # than the round trip itself (the hand-off's latency).
+            return _send_raw(node, commands)[1 if asking else 0 :]
 
         replies = attempt()
         if isinstance(replies[0], rex.NoScriptError):
@@ -852,17 +865,22 @@ def _resp(parts: Sequence[Union[str, bytes]]) -> bytes:
 
 
 def _send_batch(client: Any, commands: list[tuple[str, list[str], list[str]]]) -> list[Any]:
-    """Send EVALSHA commands as one write on one pooled connection and read every reply: a
-    reply that is an error comes back as the exception, in its place. The connection is
-    dropped on any other error (a lease call never reuses a connection in an unknown
-    state). redis-py's pipeline would cost twice the CPU per command here, in packing."""
+    """EVALSHA commands in one round trip (see ``_send_raw``)."""
+    return _send_raw(
+        client, [["EVALSHA", sha, str(len(keys)), *keys, *args] for sha, keys, args in commands]
+    )
+
+
+def _send_raw(client: Any, commands: Sequence[Sequence[str]]) -> list[Any]:
+    """Send commands as one write on one pooled connection and read every reply: a reply
+    that is an error comes back as the exception, in its place. The connection is dropped
+    on any other error (a lease call never reuses a connection in an unknown state).
+    redis-py's pipeline would cost about twice the CPU per command, in packing."""
     assert isinstance(client, redis.Redis)
     pool = client.connection_pool
     conn = pool.get_connection()
     try:
-        packed = b"".join(
-            _resp(["EVALSHA", sha, str(len(keys)), *keys, *args]) for sha, keys, args in commands
-        )
+        packed = b"".join(_resp(command) for command in commands)
         conn.send_packed_command([packed])  # type: ignore[no-untyped-call]
         replies: list[Any] = []
         for _ in commands:

@@ -228,16 +228,7 @@ class MutexOwner:
         self._base_client = self._engine.base_client
         self._redis_description = describe_client(self._base_client)
         self._client = self._engine.lease_client(self.call_timeout)
-        self._lease = Lease(
-            self._client,
-            self.key,
-            ttl=self.ttl,
-            identity=identity,
-            prefix=prefix,
-            min_replicas=min_replicas,
-            min_replicas_timeout=min_replicas_timeout,
-            call_timeout=self.call_timeout,
-        )
+        self._lease = self._build_lease(min_replicas, min_replicas_timeout)
         self._events = EventDispatcher(self.key)
         for kind, callback in (("acquired", on_acquired), ("lost", on_lost)):
             if callback is not None:
@@ -253,6 +244,21 @@ class MutexOwner:
         self.forked = False
         self._pid = os.getpid()
         _OWNERS.add(self)
+
+    def _build_lease(
+        self, min_replicas: Optional[int], min_replicas_timeout: Optional[float]
+    ) -> Lease:
+        """The lease's Redis protocol, on the engine's lease client."""
+        return Lease(
+            self._client,
+            self.key,
+            ttl=self.ttl,
+            identity=self.identity,
+            prefix=self.prefix,
+            min_replicas=min_replicas,
+            min_replicas_timeout=min_replicas_timeout,
+            call_timeout=self.call_timeout,
+        )
 
     def _build_slot(self, rng: Optional[random.Random]) -> LeaseSlot:
         """The lease's core (its decisions) in a slot (its lock and I/O), wired to the

@@ -498,14 +498,9 @@ def test_fork_with_an_engine_running(
     assert lease_keys(redis_server) == []
 
 
-# -- bugs found while writing these tests (xfail until fixed; strict: a fix makes them pass) ----
+# -- bugs found while writing these tests (regression tests) ----
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine.stop_threads joins a scheduler thread that a lease added meanwhile keeps "
-    "alive: stop() waits for its whole timeout (forever with timeout=None) and returns False",
-)
 def test_stop_of_an_engines_last_lease_is_not_held_up_by_a_lease_started_meanwhile(
     redis_server: RedisServer, owners: list[MutexOwner]
 ) -> None:
