@@ -236,7 +236,7 @@ def test_many_leases_on_one_client_share_one_engine_and_keep_their_leases_throug
     stop_all = fleet.stop_all()
     assert lease_keys(redis_server) == []
     assert wait_for(lambda: not library_threads(before), 5), library_threads(before)
-    assert stop_all < 5.0
+    assert stop_all < 2.0
     record_figures(
         owners=len(fleet.owners),
         all_holding=all_holding,
@@ -294,8 +294,13 @@ def test_many_leases_through_a_redis_restart_without_persistence(
         later = [h for h in key_holds if h.start > first.end]
         assert later and all(h.start >= lost_at + TTL for h in later), (lost_at, key_holds)
         assert later[0].token > first.token
-    # Nobody competes for the uncontested keys: their holders re-took them (docs/safety.md).
-    assert kept >= N_MANY - CONTESTED
+    # docs/safety.md: "holder keeps running if Redis is back before its deadline" (the quiet
+    # period turns newcomers away meanwhile). Every deadline was at least ttl - drift - one
+    # renew interval after the kill; with Redis back well before that, every holder kept.
+    if back_at < lost_at + TTL - DRIFT - TTL / 3 - BACKOFF_MAX:
+        assert kept == N_MANY, f"{stepped_down} holder(s) stepped down"
+    else:  # a very slow restart: only the uncontested ones must have kept
+        assert kept >= N_MANY - CONTESTED
 
     stop_all = fleet.stop_all()
     assert lease_keys(redis_server) == []
