@@ -347,6 +347,9 @@ def stuck_setup(
 def wait_stuck(driver: OwnerDriver, sup: Supervisor, stubborn: Stubborn) -> None:
     """Let the 1 s shutdown budget pass in fake time; wait for the report."""
     assert stubborn.saw_stopping.wait(REAL_TIMEOUT)
+    # The cooperative worker exits first (real time): only then may fake time pass, or a
+    # loaded machine would see it "stuck" too.
+    assert wait_for(lambda: sup.alive_workers == ("stubborn",))
     driver.advance(1.0)
     assert wait_for(lambda: sup.stuck_workers == ("stubborn",))
 
