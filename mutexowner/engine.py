@@ -21,7 +21,8 @@ import math
 import os
 import threading
 import time
-from typing import Any, Optional, Union
+from collections.abc import Iterable
+from typing import Any, Optional, TypeVar, Union
 
 from mutexowner import machine as m
 from mutexowner.backoff import BackoffPolicy
@@ -79,6 +80,14 @@ def _forget_engines_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(after_in_child=_forget_engines_after_fork)
+
+
+_T = TypeVar("_T")
+
+
+def _chunks(groups: Iterable[list[_T]]) -> list[list[_T]]:
+    """Each group (the calls on one client) cut into pipelines of at most BATCH_MAX."""
+    return [g[i : i + BATCH_MAX] for g in groups for i in range(0, len(g), BATCH_MAX)]
 
 
 class Engine:
@@ -347,11 +356,7 @@ class Engine:
         for slot, plan in calls:
             by_client.setdefault(id(slot.lease.client), []).append((slot, plan))
         outcomes: dict[LeaseSlot, CallOutcome] = {}
-        chunks = [
-            group[i : i + BATCH_MAX]
-            for group in by_client.values()
-            for i in range(0, len(group), BATCH_MAX)
-        ]
+        chunks = _chunks(by_client.values())
         for group in chunks:
             # Each chunk's send time is read just before it goes: a reply is judged against
             # the time its own request left, not the start of a long batch (with 10,000
@@ -381,11 +386,7 @@ class Engine:
             ):
                 by_client.setdefault(id(slot.lease.client), []).append((slot, plan.tokens[0]))
         outcomes: dict[LeaseSlot, Union[CallOutcome, bool]] = {}
-        chunks = [
-            group[i : i + BATCH_MAX]
-            for group in by_client.values()
-            for i in range(0, len(group), BATCH_MAX)
-        ]
+        chunks = _chunks(by_client.values())
         for group in chunks:
             if len(group) < 2:
                 continue

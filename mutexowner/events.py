@@ -139,16 +139,15 @@ class EventThread:
 
 
 class EventDispatcher:
-    """Delivers events to listeners, in order: on its own thread, on a shared
-    ``EventThread``, or inline when not started."""
+    """Delivers events to listeners, in order: on an ``EventThread`` (the engine's, shared,
+    or one of its own), or inline when not started."""
 
     def __init__(self, name: str) -> None:
         self._name = name
         self._listeners: list[Listener] = []
         self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._thread: Optional[threading.Thread] = None
-        self._shared: Optional[EventThread] = None
+        self._runner: Optional[EventThread] = None
+        self._owns_runner = False
 
     def add(self, listener: Listener) -> None:
         if not callable(listener):
@@ -170,69 +169,43 @@ class EventDispatcher:
 
     def start(self, shared: Optional[EventThread] = None) -> None:
         """Deliver on a background thread from now on: ``shared`` if given, else its own."""
-        if self._thread is not None or self._shared is not None:
+        if self._runner is not None:
             return
-        if shared is not None:
-            self._shared = shared
-            return
-        self._thread = threading.Thread(
-            target=self._run, name=f"mutexowner-events-{self._name}", daemon=True
-        )
-        self._thread.start()
+        if shared is None:
+            shared = EventThread(f"mutexowner-events-{self._name}")
+            shared.start()
+            self._owns_runner = True
+        self._runner = shared
+
+    @property
+    def _thread(self) -> Optional[threading.Thread]:
+        """The thread of its own, when it has one."""
+        return self._runner.thread if self._owns_runner and self._runner is not None else None
 
     def stop(self, timeout: Optional[float] = None) -> bool:
-        """Deliver what is queued, then end the thread. True if it ended within ``timeout``
-        (on a shared thread: True once what was queued has been delivered)."""
-        if self._shared is not None:
-            return self._shared.drain(timeout)
-        thread = self._thread
-        if thread is None:
+        """Deliver what is queued; on a thread of its own, then end it. True if that was
+        done within ``timeout``."""
+        runner = self._runner
+        if runner is None:
             return True
-        self._queue.put(_STOP)
-        if thread is threading.current_thread():
-            return False
-        thread.join(timeout)
-        return not thread.is_alive()
+        return runner.stop(timeout) if self._owns_runner else runner.drain(timeout)
 
     def on_its_thread(self) -> bool:
-        """True when called from this dispatcher's own thread (a listener, a callback)."""
-        if self._shared is not None:
-            return self._shared.on_its_thread()
-        thread = self._thread
-        return thread is not None and thread is threading.current_thread()
+        """True when called from the thread that delivers (a listener, a callback)."""
+        return self._runner is not None and self._runner.on_its_thread()
 
     def emit(self, event: Event) -> None:
         """Queue an event (delivered inline when no thread was started)."""
-        if self._shared is not None:
-            self._shared.submit(lambda: self.deliver(event))
-        elif self._thread is None:
-            self.deliver(event)
-        else:
-            self._queue.put(event)
+        self.submit(lambda: self.deliver(event))
 
     def submit(self, task: Callable[[], object]) -> None:
-        """Run ``task`` on the dispatcher thread, in order with the events (inline when no
-        thread was started). The owner hands its log lines over this way: a log handler
-        that blocks then stalls only event delivery, never the owner thread."""
-        if self._shared is not None:
-            self._shared.submit(task)
-        elif self._thread is None:
-            self._run_task(task)
+        """Run ``task`` on the delivering thread, in order with the events (inline when no
+        thread was started). Log lines are handed over this way: a log handler that blocks
+        then stalls only event delivery, never a lease's turn."""
+        if self._runner is not None:
+            self._runner.submit(task)
         else:
-            self._queue.put(task)
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            try:
-                if isinstance(item, Event):
-                    self.deliver(item)
-                elif callable(item):
-                    self._run_task(item)
-            except BaseException:  # the dispatcher thread must outlive anything it runs
-                log.debug("event delivery failed for key=%s", self._name, exc_info=True)
+            self._run_task(task)
 
     @staticmethod
     def _run_task(task: Callable[[], object]) -> None:

@@ -308,19 +308,24 @@ def status_response(
     return body, 200 if ok else 503
 
 
-def lease_report(
-    settings: OwnerSettings, out: TextIO, *, as_json: bool = False, timeout: float = 2.0
-) -> int:
-    """Write the lease as Redis sees it (no token shown), as ``mutexowner status`` does;
-    return the same exit status: ``STATUS_HELD`` (0), ``STATUS_FREE`` (3) or
-    ``STATUS_ERROR`` (2)."""
-    reader = LeaseReader(
+def _reader(settings: OwnerSettings, timeout: float) -> LeaseReader:
+    """A read-only view of the settings' lease (status and check use the same)."""
+    return LeaseReader(
         settings.redis,
         settings.key,
         prefix=settings.prefix,
         timeout=timeout,
         where=settings.redis_description,
     )
+
+
+def lease_report(
+    settings: OwnerSettings, out: TextIO, *, as_json: bool = False, timeout: float = 2.0
+) -> int:
+    """Write the lease as Redis sees it (no token shown), as ``mutexowner status`` does;
+    return the same exit status: ``STATUS_HELD`` (0), ``STATUS_FREE`` (3) or
+    ``STATUS_ERROR`` (2)."""
+    reader = _reader(settings, timeout)
     try:
         view = reader.read()
     finally:
@@ -339,13 +344,7 @@ def check_report(
     """Print the validated settings (password hidden), then test Redis: PING, SCRIPT EXISTS,
     a read-only lease script call and the lease user's permissions
     (``inspection.check_redis``). 0 when Redis passed, ``STATUS_ERROR`` (2) otherwise."""
-    reader = LeaseReader(
-        settings.redis,
-        settings.key,
-        prefix=settings.prefix,
-        timeout=timeout,
-        where=settings.redis_description,
-    )
+    reader = _reader(settings, timeout)
     try:
         result = check_redis(reader)
     finally:
