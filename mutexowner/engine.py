@@ -287,7 +287,10 @@ class Engine:
                 if not due:
                     self._wait_locked()
                     continue
-            self._run_turns(due)
+            try:
+                self._run_turns(due)
+            except BaseException as exc:  # never die: every lease would stop renewing
+                self._turns_failed(due, exc)
         if hub is not None:
             hub.stop(timeout=None)
         events.stop(timeout=None)
@@ -414,6 +417,13 @@ class Engine:
             return slot.finish_turn()
         except BaseException as exc:
             return self._turn_failed(slot, exc)
+
+    def _turns_failed(self, due: list[LeaseSlot], exc: BaseException) -> None:
+        """A batch failed outside any one lease's turn (a bug in the batch I/O): each of its
+        leases is tried again a little later, on its own turn."""
+        for slot in due:
+            with contextlib.suppress(BaseException):
+                self._reschedule(slot, self._turn_failed(slot, exc))
 
     @staticmethod
     def _turn_failed(slot: LeaseSlot, exc: BaseException) -> float:

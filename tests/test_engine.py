@@ -151,3 +151,34 @@ def test_a_lease_whose_turn_raises_does_not_stall_the_others(
     clock.advance(engine_module.ERROR_RETRY)  # the failed lease is retried
     assert wait_for(lambda: bad.holding)
     assert good.stop(REAL_TIMEOUT) and bad.stop(REAL_TIMEOUT)
+
+
+def test_a_batch_that_fails_outside_any_turn_does_not_end_the_engine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    names = ["a", "b"]
+    client = fake_redis(*names)
+    clock = FakeClock()
+    owners = [MutexOwner(client, name, ttl=TTL, clock=clock) for name in names]
+    for owner in owners:
+        owner.start()
+    assert wait_for(lambda: all(o.holding for o in owners))
+    real = lease_module.call_many
+    failures = {"n": 0}
+
+    def broken_once(calls: Any) -> Any:
+        if failures["n"] == 0:
+            failures["n"] += 1
+            raise TypeError("a bug in the batch")  # not a Redis error: nothing classifies it
+        return real(calls)
+
+    monkeypatch.setattr(engine_module, "call_many", broken_once)
+    fences = [o.fencing_token for o in owners]
+    clock.advance(TTL / 3 + 0.01)  # both renewals due together: one batch, which raises
+    assert wait_for(lambda: failures["n"] == 1)
+    clock.advance(engine_module.ERROR_RETRY)  # retried on their own turns
+    assert wait_for(lambda: all((o.status().next_attempt_in or 0.0) > 1.0 for o in owners))
+    assert [o.fencing_token for o in owners] == fences and all(o.holding for o in owners)
+    assert any(t.name.startswith("mutexowner-engine-") for t in owners[0].threads)
+    for owner in owners:
+        assert owner.stop(REAL_TIMEOUT)
